@@ -1,0 +1,1 @@
+"""npp_jax: Next Patch Prediction (NPP) in JAX/Flax NNX."""

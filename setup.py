@@ -1,0 +1,48 @@
+"""npp_jax: Next Patch Prediction (NPP) in JAX/Flax NNX on a LlamaGen backbone."""
+import setuptools
+
+# Minor-range pins of a set tested together (see README, "Installation").
+# orbax, grain and flax rename APIs between minor releases, so keep these tight.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorstore>=0.1.86,<0.2",
+    "grain>=0.2.18,<0.3",
+    "array-record>=0.8.6,<0.9",
+    "ml-collections>=1.1,<1.2",
+    "clu>=0.0.12,<0.1",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "importlib_resources>=7.1,<8",  # tfds imports it without declaring it
+    "etils[epath]>=1.15,<1.16",
+    "numpy>=2.4,<2.5",
+    "absl-py>=2.1",
+    "pillow>=10",
+    "scikit-learn>=1.5",  # ships the digits images of the CPU demo
+    # clu's metric writers import TensorFlow and TensorBoard's hparams plugin.
+    # TensorFlow is only used to write summaries; the data path never imports it.
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
+]
+
+EXTRAS_REQUIRE = {
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    "test": [
+        "pytest>=8",
+        "hypothesis>=6",
+        "portpicker>=1.6",
+        "scipy>=1.13",
+    ],
+}
+
+setuptools.setup(
+    name="npp_jax",
+    version="0.1.0",
+    description="Next Patch Prediction for autoregressive image generation, in JAX/Flax NNX.",
+    packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)
