@@ -41,7 +41,7 @@ setuptools.setup(
     name="npp_jax",
     version="0.1.0",
     description="Next Patch Prediction for autoregressive image generation, in JAX/Flax NNX.",
-    packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*"]),
+    packages=setuptools.find_packages(include=["npp_jax", "npp_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -94,9 +94,9 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-  """Sharding of a batch-major array: batch over ('data', 'fsdp'), the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Sharding of batch-major arrays (any rank): batch over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

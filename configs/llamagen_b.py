@@ -1,0 +1,16 @@
+"""LlamaGen-B baseline: next-token prediction (#L=1) for 300 epochs, the NTP reference of NPP-B.
+
+Launch (every worker of a TPU pod slice, see launch/):
+  python -m npp_jax.main --config=configs/llamagen_b.py --workdir=gs://BUCKET/runs/llamagen_b \
+      --config.data.path=gs://BUCKET/imagenet256_tokens
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.get_config(arg)
+  c.model.variant = "B"
+  c.npp.num_levels = 1
+  c.global_batch_size = 256
+  c.sample.cfg_scale = 2.0
+  return c

@@ -1,0 +1,17 @@
+"""LlamaGen-XL baseline: next-token prediction (#L=1) for 300 epochs, the NTP reference of NPP-XL.
+
+Launch (every worker of a TPU pod slice, see launch/):
+  python -m npp_jax.main --config=configs/llamagen_xl.py --workdir=gs://BUCKET/runs/llamagen_xl \
+      --config.data.path=gs://BUCKET/imagenet256_tokens
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.get_config(arg)
+  c.model.variant = "XL"
+  c.npp.num_levels = 1
+  c.global_batch_size = 256
+  c.optim.lr = 2e-4
+  c.sample.cfg_scale = 1.75
+  return c

@@ -1,0 +1,16 @@
+"""NPP-XL (775M): #L=2, lambda=1/2, 300 epochs, batch 256 at lr 2e-4 as LlamaGen-XL, cfg 1.70 (FID 2.65).
+
+Launch (every worker of a TPU pod slice, see launch/):
+  python -m npp_jax.main --config=configs/npp_xl.py --workdir=gs://BUCKET/runs/npp_xl \
+      --config.data.path=gs://BUCKET/imagenet256_tokens
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  c = common.get_config(arg)
+  c.model.variant = "XL"
+  c.global_batch_size = 256
+  c.optim.lr = 2e-4  # LlamaGen trained XL at 2e-4 with batch 256.
+  c.sample.cfg_scale = 1.70
+  return c

@@ -1,0 +1,157 @@
+"""Checkpoints, the only orbax importer: training state + data iterator, and params-only files.
+
+Owns:
+  * `Checkpointer`: an orbax CheckpointManager under `workdir/checkpoints` holding, per step, the
+    train state (`state`) and each process's grain iterator state (`data`). Saves are async and
+    atomic (orbax writes to a temporary directory and commits it only when complete, so a crash
+    mid-save leaves the previous checkpoint as the latest); keep-N; preemption detection.
+    Restores onto the current mesh whatever mesh or process count saved it.
+  * `save_params` / `load_params`: a params-only orbax checkpoint (converted LlamaGen weights,
+    or a trained model's params), validated against the model before any array is read.
+
+All paths go through etils.epath, so local paths and gs:// behave the same.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's arrays do not match the model or state it is restored into."""
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) of a tree of arrays or ShapeDtypeStructs."""
+  return jax.tree.map(
+      lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _flat_shapes(tree: Any) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(np.shape(x)) for p, x in flat}
+
+
+def check_compatible(saved: Any, target: Any, *, what: str) -> None:
+  """Raises CheckpointMismatchError listing every key missing, unexpected or mis-shaped."""
+  have, want = _flat_shapes(saved), _flat_shapes(target)
+  problems = [f"missing {k} (model expects {s})" for k, s in want.items() if k not in have]
+  problems += [f"unexpected {k} {s}" for k, s in have.items() if k not in want]
+  problems += [f"shape mismatch for {k}: checkpoint {have[k]}, model {s}"
+               for k, s in want.items() if k in have and have[k] != s]
+  if problems:
+    raise CheckpointMismatchError(
+        f"{what} does not match the model ({len(problems)} problems; was it written for another "
+        f"model size or vocabulary?):\n  " + "\n  ".join(problems[:50]))
+
+
+def _metadata_tree(meta: Any) -> Any:
+  """The array-metadata tree of an orbax StandardCheckpointer/PyTree metadata object."""
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  return tree
+
+
+class Checkpointer:
+  """Train-state + data-iterator checkpoints in `workdir/checkpoints`."""
+
+  def __init__(self, workdir: epath.PathLike, *, keep: int, async_save: bool = True):
+    self.directory = epath.Path(workdir) / "checkpoints"
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=1, create=True,
+            enable_async_checkpointing=async_save),
+        item_names=("state", "data"))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._mngr.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any) -> None:
+    """Starts an async save of `state` and the iterator position (returns once arrays are copied)."""
+    self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once any process received a preemption notice (e.g. SIGTERM)."""
+    return self._mngr.reached_preemption(step)
+
+  def restore(self, step: int, target_state: Any, data_iterator: Any | None) -> Any:
+    """Restores `step` into the shapes and shardings of `target_state` (arrays or abstract).
+
+    The data iterator is restored in place when given; pass None to restore the state only (e.g.
+    when the process count changed and the data position is rebuilt from the step instead).
+    """
+    meta = self._mngr.item_metadata(step)
+    saved = _metadata_tree(meta["state"]) if meta is not None and "state" in meta else None
+    if saved is not None:
+      check_compatible(saved, target_state, what=f"checkpoint {self.directory / str(step)}")
+    items = {"state": ocp.args.StandardRestore(_abstract(target_state))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def saved_process_count(self, step: int) -> int | None:
+    """Number of processes whose data-iterator states were saved at `step` (None if unknown)."""
+    data_dir = self.directory / str(step) / "data"
+    if not data_dir.exists():
+      return None
+    names = [p.name for p in data_dir.iterdir() if p.name.startswith("process_")]
+    counts = {int(n.split("-of-")[1].split(".")[0]) for n in names if "-of-" in n}
+    return counts.pop() if len(counts) == 1 else None
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def save_params(path: epath.PathLike, params: Any, *, model_config: dict | None = None) -> None:
+  """Writes a params-only checkpoint (what `config.ckpt.init_from` and the sampler read)."""
+  path = epath.Path(path)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(path / "params", params, force=True)
+    ckptr.wait_until_finished()
+  if model_config is not None and jax.process_index() == 0:
+    (path / "model_config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
+
+
+def read_model_config(path: epath.PathLike) -> dict | None:
+  """The model config stored beside a params checkpoint, if any."""
+  f = epath.Path(path) / "model_config.json"
+  return json.loads(f.read_text()) if f.exists() else None
+
+
+def load_params(path: epath.PathLike, target_params: Any) -> Any:
+  """Reads a params-only checkpoint into the shapes/shardings of `target_params`.
+
+  Raises CheckpointMismatchError naming every mismatched key before reading any array, and
+  FileNotFoundError naming the path when there is no checkpoint.
+  """
+  path = epath.Path(path) / "params"
+  if not path.exists():
+    raise FileNotFoundError(f"no params checkpoint at {path} (write one with npp_jax.convert or "
+                            f"checkpoint.save_params).")
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = _metadata_tree(ckptr.metadata(path))
+    check_compatible(saved, target_params, what=f"params checkpoint {path}")
+    return ckptr.restore(path, _abstract(target_params))
+
+
+def param_bytes(tree: Any) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -1,0 +1,291 @@
+"""Training: the train state, the pure train/eval steps, and the loop with metrics and checkpoints.
+
+Owns `train_and_evaluate(config, workdir)`. The state is arrays only ({step, params, opt_state}
+and optionally ema); the step is a module-level pure function jitted once per patch size with
+explicit shardings and a donated state; dropout keys are folded from the step; the patch size and
+the learning rate are pure functions of the step. So a resumed run needs nothing but the state and
+the data position, and it continues bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+from flax import nnx
+
+from npp_jax import checkpoint as ckpt_lib
+from npp_jax import config_lib, data, optim, patching, sharding
+from npp_jax import model as model_lib
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure steps.
+# ---------------------------------------------------------------------------------------------
+def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, patch_size: int,
+            rng: jax.Array | None) -> jax.Array:
+  """NPP loss of one batch: mean CE of every patch position against its p*p target tokens."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["codes"], batch["labels"], patch_size=patch_size,
+                 deterministic=rng is None, rng=rng)
+  return patching.patch_loss(logits, patching.group_targets(batch["codes"], patch_size))
+
+
+def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
+               tx: optax.GradientTransformation, lr_fn: optax.Schedule, patch_size: int,
+               seed: int, ema_decay: float) -> tuple[State, dict]:
+  """One optimizer step (forward, backward, clipping, AdamW), plus optional EMA."""
+  step = state["step"]
+  rng = jax.random.fold_in(jax.random.key(seed), step)
+  loss, grads = jax.value_and_grad(
+      lambda p: loss_fn(graphdef, p, batch, patch_size, rng))(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {"step": step + 1, "params": params, "opt_state": opt_state}
+  if "ema" in state:
+    new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
+                                    state["ema"], params)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+             "param_norm": optax.global_norm(params), "lr": lr_fn(step)}
+  return new_state, metrics
+
+
+def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
+  """Summed next-token (p = 1) CE and token count of the unmasked examples of a batch."""
+  model = nnx.merge(graphdef, params)
+  logits = model(batch["codes"], batch["labels"], patch_size=1)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean(-1)
+  mask = batch["mask"].astype(jnp.float32)
+  return {"ce_sum": jnp.sum(ce * mask), "count": jnp.sum(mask)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up.
+# ---------------------------------------------------------------------------------------------
+def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, State]:
+  """Model and optimizer state created directly sharded on `mesh`."""
+  model_cfg = config_lib.model_config(config)
+  model = sharding.create_sharded(
+      lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
+  graphdef, params = nnx.split(model)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  with sharding.use_mesh(mesh):
+    opt_state = jax.jit(tx.init, out_shardings=None)(params)
+  state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+           "params": params, "opt_state": opt_state}
+  if config.optim.ema_decay > 0:
+    state["ema"] = jax.tree.map(lambda x, s: jax.device_put(jnp.copy(x), s), params, param_sh)
+  return graphdef, state
+
+
+class StepFns:
+  """One compiled train step per patch size, compiled on first use with explicit shardings."""
+
+  def __init__(self, graphdef, tx, lr_fn, config, mesh, state: State):
+    self._make = lambda p: jax.jit(
+        functools.partial(train_step, graphdef=graphdef, tx=tx, lr_fn=lr_fn, patch_size=p,
+                          seed=config.seed, ema_decay=config.optim.ema_decay),
+        in_shardings=(self.state_shardings, self.batch_shardings),
+        out_shardings=(self.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    self.batch_shardings = sharding.batch_sharding(mesh)
+    self.mesh = mesh
+    self.compiled: dict[int, Callable] = {}
+
+  def __call__(self, patch_size: int, state: State, batch: dict) -> tuple[State, dict]:
+    if patch_size not in self.compiled:
+      t0 = time.time()
+      with sharding.use_mesh(self.mesh):
+        self.compiled[patch_size] = self._make(patch_size).lower(state, batch).compile()
+      logging.info("Compiled the train step for patch size %d in %.1fs.", patch_size,
+                   time.time() - t0)
+    with sharding.use_mesh(self.mesh):
+      return self.compiled[patch_size](state, batch)
+
+
+def _make_writer(workdir: epath.Path):
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def evaluate(config, graphdef, params, mesh) -> float | None:
+  """Mean next-token CE (nats/token) over `config.eval_batches` batches of the eval split."""
+  if not config.data.eval_split:
+    return None
+  ds = data.make_eval_dataset(config.data.path, split=config.data.eval_split,
+                              global_batch_size=config.global_batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  shardings = sharding.batch_sharding(mesh)
+  with sharding.use_mesh(mesh):
+    step = jax.jit(functools.partial(eval_step, graphdef=graphdef))
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(ds):
+      if 0 <= config.eval_batches <= i:
+        break
+      out = jax.device_get(step(params, data.global_batch(batch, shardings)))
+      total, count = total + float(out["ce_sum"]), count + float(out["count"])
+  return total / max(count, 1.0)
+
+
+def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_iter) -> tuple[State, str]:
+  """Resume from the workdir, else initialise from config.ckpt.init_from, else scratch."""
+  latest = ckpt.latest_step()
+  if latest is not None:
+    same_procs = ckpt.saved_process_count(latest) == jax.process_count()
+    state = ckpt.restore(latest, state, data_iter if same_procs else None)
+    return state, f"resumed from {ckpt.directory / str(latest)}"
+  if config.ckpt.init_from:
+    params = ckpt_lib.load_params(config.ckpt.init_from, state["params"])
+    state = dict(state, params=params)
+    if "ema" in state:
+      state["ema"] = jax.tree.map(jnp.copy, params)
+    return state, f"initialised params from {config.ckpt.init_from}"
+  return state, "started from scratch"
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       max_steps: int | None = None) -> dict:
+  """Trains `config` in `workdir` (local or gs://), resuming whatever is there.
+
+  Args:
+    config: an experiment config (configs/*.py).
+    workdir: checkpoints, TensorBoard events and the resolved config go here.
+    max_steps: stop after this many steps of this run (dry runs, tests); the schedule is unchanged.
+
+  Returns:
+    A summary: final step, last train loss, eval loss, the schedule's cost ratio, compile count.
+  """
+  workdir = epath.Path(workdir)
+  config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  mesh = sharding.make_mesh(dict(config.mesh))
+  source = data.open_split(config.data.path, config.data.train_split)
+  meta = source.metadata
+  if meta.vocab_size > config.model.vocab_size or meta.num_classes > config.model.num_classes:
+    raise ValueError(f"config.data.path={config.data.path} holds vocab {meta.vocab_size} and "
+                     f"{meta.num_classes} classes, more than config.model.vocab_size="
+                     f"{config.model.vocab_size} / config.model.num_classes={config.model.num_classes}.")
+  if meta.grid_size != config.model.grid_size:
+    raise ValueError(f"config.data.path={config.data.path} holds {meta.grid_size}x{meta.grid_size} "
+                     f"token grids but config.model.grid_size={config.model.grid_size}.")
+  spe = config_lib.steps_per_epoch(config, len(source))
+  schedule = config_lib.schedule(config, len(source))
+  tx = optim.make_optimizer(config, schedule, spe)
+  lr_fn = optim.learning_rate(config, schedule, spe)
+  cost = patching.training_cost(schedule)
+
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  logging.info("Schedule: %s; training cost relative to next-token prediction: %.4f.",
+               [(s.patch_size, s.start, s.end) for s in schedule.segments], cost)
+
+  graphdef, state = create_state(config, mesh, tx)
+  ds = data.make_train_dataset(
+      config.data.path, split=config.data.train_split, global_batch_size=config.global_batch_size,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.num_workers)
+  data_iter = iter(ds)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.ckpt.keep)
+  state, how = _restore_or_init(config, ckpt, state, data_iter)
+  start = int(jax.device_get(state["step"]))
+  if ckpt.latest_step() is not None and ckpt.saved_process_count(start) != jax.process_count():
+    data_iter = iter(data.make_train_dataset(
+        config.data.path, split=config.data.train_split, global_batch_size=config.global_batch_size,
+        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+        num_workers=config.data.num_workers))
+  logging.info("Step %d: %s.", start, how)
+
+  writer = _make_writer(workdir)
+  if start == 0:
+    parameter_overview.log_parameter_overview(nnx.to_pure_dict(state["params"]))
+    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
+  total = schedule.total_steps
+  end = total if max_steps is None else min(total, start + max_steps)
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_every_steps)]
+  step_fns = StepFns(graphdef, tx, lr_fn, config, mesh, state)
+  boundaries = set(schedule.boundaries)
+  tokens_per_image = config.model.grid_size ** 2
+
+  def check(step, metrics):
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(m["loss"]):
+      raise NonFiniteLossError(f"non-finite loss {m['loss']} at step {step}; stopping. The last "
+                               f"good checkpoint ({ckpt.latest_step()}) is kept.")
+    return m
+
+  pending, last, t_log, s_log = None, {}, time.time(), start
+  try:
+    for step in range(start, end):
+      batch = data.global_batch(next(data_iter), step_fns.batch_shardings)
+      patch_size = schedule.patch_size_at(step)
+      state, metrics = step_fns(patch_size, state, batch)
+      if pending is not None:  # metrics of the previous step: no host sync on this one.
+        last = check(*pending)
+      pending = (step, metrics)
+      done = step + 1
+      for h in hooks:
+        h(done)
+      if done % config.log_every_steps == 0 or done == end:
+        last = check(*pending)
+        dt = time.time() - t_log
+        images = (done - s_log) * config.global_batch_size
+        writer.write_scalars(done, dict(last, patch_size=patch_size, images_per_s=images / dt,
+                                        tokens_per_s=images * tokens_per_image / dt))
+        t_log, s_log = time.time(), done
+      save = done % config.ckpt.every_steps == 0 or done in boundaries or done == total
+      preempted = ckpt.reached_preemption(done)
+      if save or preempted or done == end:
+        last = check(*pending)
+        ckpt.save(done, state, data_iter)
+      if preempted:
+        logging.warning("Preemption notice at step %d: saved, exiting.", done)
+        ckpt.wait()
+        break
+      if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
+        writer.write_scalars(done, {"eval_loss": evaluate(config, graphdef, state["params"], mesh)})
+    eval_loss = evaluate(config, graphdef, state["params"], mesh)
+    final = int(jax.device_get(state["step"]))
+    if eval_loss is not None:
+      writer.write_scalars(final, {"eval_loss": eval_loss})
+  finally:
+    ckpt.close()
+    writer.flush()
+  summary = {"step": final, "train_loss": last.get("loss"), "eval_loss": eval_loss,
+             "training_cost": cost, "compiled_patch_sizes": sorted(step_fns.compiled),
+             "workdir": str(workdir)}
+  logging.info("Done: %s", json.dumps(summary))
+  return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+  return out
