@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "pillow>=10",
     "scikit-learn>=1.5",  # ships the digits images of the CPU demo
+    "scipy>=1.13",  # matrix square root of the FID
     # clu's metric writers import TensorFlow and TensorBoard's hparams plugin.
     # TensorFlow is only used to write summaries; the data path never imports it.
     "tensorflow-cpu>=2.21,<2.22",
@@ -33,7 +34,6 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "hypothesis>=6",
         "portpicker>=1.6",
-        "scipy>=1.13",
     ],
 }
 

@@ -11,6 +11,7 @@ Run the same command on every worker of a TPU pod slice (launch/ does that). Fla
 """
 from __future__ import annotations
 
+import logging as logging_std
 import os
 
 from absl import app, flags, logging
@@ -22,7 +23,16 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/grain INFO logs.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax and grain (dozens of lines per checkpoint); keeps warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
+    return record.levelno >= logging_std.WARNING or not noisy
 
 
 def _on_tpu_pod() -> bool:
@@ -32,6 +42,8 @@ def _on_tpu_pod() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not _LIBRARY_LOGS.value:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # after absl parsed the flags, so JAX's own flags see the environment.
 
   if _COORDINATOR.value:

@@ -1,0 +1,503 @@
+"""ADM evaluator metrics (FID, sFID, Inception Score, precision/recall) on Inception features.
+
+Owns a faithful reimplementation of OpenAI's ADM evaluator (guided-diffusion
+`evaluations/evaluator.py`, copied unchanged into LlamaGen and NPP) without `tf.compat.v1`:
+
+- features from `classify_image_graph_def.pb`: float32 images in [0, 255] fed at `ExpandDims:0`,
+  pool features `pool_3:0` (2048-d), spatial features `mixed_6/conv:0[..., :7]` flattened, and
+  class probabilities softmax(pool @ W) where W is the weight input of `softmax/logits/MatMul`
+  (no bias, as in ADM);
+- statistics (mean, `np.cov(rowvar=False)`), taken from the npz (`mu, sigma, mu_s, sigma_s`) when
+  it carries them, as the ADM reference batches do;
+- Frechet distance with `scipy.linalg.sqrtm` and ADM's eps retry;
+- Inception Score over splits of 5000;
+- k-NN (k=3) manifold precision/recall with 10000 x 10000 distance blocks whose squared distances
+  are computed in float16 and recomputed in float32 when a block is not finite.
+
+TensorFlow is imported lazily, inside `FeatureExtractor` only; the metric math is numpy/scipy, so
+it runs on any features. The .pb is parsed as a protobuf (no code runs when it is loaded).
+
+    python -m npp_jax.evaluate VIRTUAL_imagenet256_labeled.npz samples.npz \
+        --inception=classify_image_graph_def.pb
+
+prints the metrics like ADM and writes `samples.txt` and `samples.json` next to `samples.npz`.
+
+Shape legend: N sample images, M reference images, H, W image size, D pool width (2048),
+S spatial width (17*17*7), C classes (1008).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import zipfile
+from typing import Any, Iterator, Protocol
+
+from absl import logging
+import numpy as np
+from scipy import linalg
+
+INPUT_TENSOR = "ExpandDims:0"
+POOL_TENSOR = "pool_3:0"
+SPATIAL_TENSOR = "mixed_6/conv:0"
+SOFTMAX_MATMUL = "softmax/logits/MatMul"
+SPATIAL_CHANNELS = 7
+STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+# ----------------------------------------------------------------------------- statistics, FID
+
+
+def compute_statistics(feats_NxD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Gaussian statistics of features as ADM computes them.
+
+  Args:
+    feats_NxD: one feature vector per image (N >= 2).
+
+  Returns:
+    (mu_D, sigma_DxD): `np.mean(axis=0)` (in the features' dtype) and `np.cov(rowvar=False)`.
+  """
+  feats_NxD = np.asarray(feats_NxD)
+  if feats_NxD.ndim != 2 or feats_NxD.shape[0] < 2:
+    raise ValueError(f"features must be N x D with N >= 2, got shape {feats_NxD.shape}.")
+  return np.mean(feats_NxD, axis=0), np.cov(feats_NxD, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+  """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), exactly as ADM computes it.
+
+  ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)). When the matrix square
+  root is not finite, eps * I is added to both covariances and it is retried. A complex square
+  root is replaced by its real part unless its diagonal has an imaginary part above 1e-3.
+
+  Args:
+    mu1, mu2: means, shape D.
+    sigma1, sigma2: covariances, shape D x D.
+    eps: diagonal offset of the retry.
+
+  Returns:
+    The distance (FID for pool features, sFID for spatial features).
+  """
+  mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+  sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+  if mu1.shape != mu2.shape:
+    raise ValueError(f"Mean vectors have different shapes: {mu1.shape} vs {mu2.shape}.")
+  if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+    raise ValueError(f"Covariances have shapes {sigma1.shape} and {sigma2.shape}; "
+                     f"expected {mu1.shape * 2} for means of shape {mu1.shape}.")
+  diff = mu1 - mu2
+  # ADM passes disp=False, which only silences a printed warning; SciPy 1.16 deprecated it.
+  covmean = linalg.sqrtm(sigma1.dot(sigma2))
+  if not np.isfinite(covmean).all():
+    logging.warning("fid calculation produces singular product; adding %s to diagonal of cov "
+                    "estimates", eps)
+    offset = np.eye(sigma1.shape[0]) * eps
+    covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError(f"Frechet distance: sqrtm(sigma1 sigma2) has an imaginary component "
+                       f"{np.max(np.abs(covmean.imag))} (are the covariances PSD?).")
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+
+def softmax(logits_NxC: np.ndarray) -> np.ndarray:
+  """Numerically stable softmax over the last axis, in the logits' dtype."""
+  z = logits_NxC - np.max(logits_NxC, axis=-1, keepdims=True)
+  e = np.exp(z)
+  return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def inception_score(probs_NxC: np.ndarray, split_size: int = 5000, *,
+                    from_logits: bool = False) -> float:
+  """ADM's Inception Score: the mean over consecutive splits of exp(E_x KL(p(y|x) || p(y))).
+
+  Args:
+    probs_NxC: class probabilities per image (or logits with `from_logits=True`).
+    split_size: images per split (the last split may be shorter, as in ADM).
+    from_logits: apply a softmax first.
+
+  Returns:
+    The score, between 1 and C.
+  """
+  probs_NxC = np.asarray(probs_NxC)
+  if probs_NxC.ndim != 2 or probs_NxC.shape[0] == 0:
+    raise ValueError(f"predictions must be N x C with N >= 1, got shape {probs_NxC.shape}.")
+  if from_logits:
+    probs_NxC = softmax(probs_NxC)
+  scores = []
+  for i in range(0, len(probs_NxC), split_size):
+    part = probs_NxC[i:i + split_size]
+    with np.errstate(divide="ignore", invalid="ignore"):
+      kl = part * (np.log(part) - np.log(np.mean(part, 0, keepdims=True)))
+    # 0 log 0 = 0. ADM gets NaN there; with Inception's softmax no probability is exactly 0,
+    # so this only matters for synthetic one-hot predictions.
+    kl = np.where(part > 0, kl, 0)
+    scores.append(np.exp(np.mean(np.sum(kl, 1))))
+  return float(np.mean(scores))
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _sq_distances_f16(u_NxD: np.ndarray, v_MxD: np.ndarray) -> np.ndarray:
+  """ADM's float16 graph: max(|u|^2 - 2 u.v + |v|^2, 0), every op rounded to float16.
+
+  Sums and the matmul accumulate in float32 (as TF's half reductions and GEMMs do) and round
+  their result to float16; elementwise ops are numpy float16 ops (computed in float, rounded).
+  """
+  u16, v16 = u_NxD.astype(np.float16), v_MxD.astype(np.float16)
+  norm_u = np.sum(np.square(u16), axis=1, dtype=np.float32).astype(np.float16)
+  norm_v = np.sum(np.square(v16), axis=1, dtype=np.float32).astype(np.float16)
+  uv = (u16.astype(np.float32) @ v16.astype(np.float32).T).astype(np.float16)
+  d = norm_u[:, None] - np.float16(2) * uv
+  d += norm_v[None, :]
+  return np.maximum(d, np.float16(0))
+
+
+def pairwise_sq_distances(u_NxD: np.ndarray, v_MxD: np.ndarray) -> np.ndarray:
+  """Squared Euclidean distances of one ADM distance block, float32 N x M.
+
+  Computed in float16 as ADM does, and recomputed in float32 if any float16 value is not finite.
+  """
+  with np.errstate(over="ignore", invalid="ignore"):
+    d_NxM = _sq_distances_f16(u_NxD, v_MxD)
+    if np.isfinite(d_NxM).all():
+      return d_NxM.astype(np.float32)
+  u32, v32 = u_NxD.astype(np.float32), v_MxD.astype(np.float32)
+  norm_u = np.sum(np.square(u32), axis=1)
+  norm_v = np.sum(np.square(v32), axis=1)
+  return np.maximum(norm_u[:, None] - 2 * (u32 @ v32.T) + norm_v[None, :], np.float32(0))
+
+
+def manifold_radii(feats_NxD: np.ndarray, k: int = 3, row_batch_size: int = 10000,
+                   col_batch_size: int = 10000) -> np.ndarray:
+  """Squared distance of every feature to its k-th nearest neighbour (itself counting as 0th).
+
+  ADM partitions a full row of distances; the k-th smallest of a row equals the k-th smallest of
+  the k+1 smallest of each column block, so only those are kept (less memory, same values).
+
+  Returns:
+    radii_N, float32.
+  """
+  n = len(feats_NxD)
+  if n <= k:
+    raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors, got {n}.")
+  radii_N = np.empty([n], np.float32)
+  for r0 in range(0, n, row_batch_size):
+    rows = feats_NxD[r0:r0 + row_batch_size]
+    candidates = []
+    for c0 in range(0, n, col_batch_size):
+      d = pairwise_sq_distances(rows, feats_NxD[c0:c0 + col_batch_size])
+      if d.shape[1] > k + 1:
+        d = np.partition(d, k, axis=1)[:, :k + 1]
+      candidates.append(d)
+    radii_N[r0:r0 + len(rows)] = np.partition(np.concatenate(candidates, axis=1), k, axis=1)[:, k]
+  return radii_N
+
+
+def precision_recall(ref_feats_MxD: np.ndarray, sample_feats_NxD: np.ndarray, k: int = 3,
+                     row_batch_size: int = 10000, col_batch_size: int = 10000
+                     ) -> tuple[float, float]:
+  """ADM's improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds.
+
+  Precision: fraction of samples inside some reference ball (radius = squared distance of the
+  reference point to its k-th neighbour). Recall: fraction of references inside some sample ball.
+  A point is inside when its squared distance is <= the radius.
+
+  Args:
+    ref_feats_MxD: reference pool features.
+    sample_feats_NxD: sample pool features.
+    k: neighbourhood size (ADM: 3).
+    row_batch_size, col_batch_size: distance block sizes (ADM: 10000; they set which blocks fall
+      back to float32, so keep ADM's values to reproduce its numbers).
+
+  Returns:
+    (precision, recall).
+  """
+  ref_feats_MxD, sample_feats_NxD = np.asarray(ref_feats_MxD), np.asarray(sample_feats_NxD)
+  if ref_feats_MxD.ndim != 2 or ref_feats_MxD.shape[1:] != sample_feats_NxD.shape[1:]:
+    raise ValueError(f"reference and sample features must be M x D and N x D, got "
+                     f"{ref_feats_MxD.shape} and {sample_feats_NxD.shape}.")
+  radii_ref_M = manifold_radii(ref_feats_MxD, k, row_batch_size, col_batch_size)
+  radii_sample_N = manifold_radii(sample_feats_NxD, k, row_batch_size, col_batch_size)
+  ref_in_M = np.zeros([len(ref_feats_MxD)], bool)
+  sample_in_N = np.zeros([len(sample_feats_NxD)], bool)
+  for r0 in range(0, len(ref_feats_MxD), row_batch_size):
+    r1 = r0 + row_batch_size
+    for c0 in range(0, len(sample_feats_NxD), col_batch_size):
+      c1 = c0 + col_batch_size
+      d = pairwise_sq_distances(ref_feats_MxD[r0:r1], sample_feats_NxD[c0:c1])
+      ref_in_M[r0:r1] |= np.any(d <= radii_sample_N[None, c0:c1], axis=1)
+      sample_in_N[c0:c1] |= np.any(d <= radii_ref_M[r0:r1, None], axis=0)
+  return float(np.mean(sample_in_N)), float(np.mean(ref_in_M))
+
+
+# ----------------------------------------------------------------------------- Inception network
+
+
+def load_graph_def(pb_path: str):
+  """Parses `classify_image_graph_def.pb` and checks that ADM's tensors are in it.
+
+  Returns:
+    A `GraphDef` protobuf.
+  """
+  from tensorflow.core.framework import graph_pb2  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(pb_path):
+    raise FileNotFoundError(f"Inception graph not found: {pb_path} (download "
+                            "classify_image_graph_def.pb from openaipublic, see README).")
+  graph_def = graph_pb2.GraphDef()
+  with open(pb_path, "rb") as f:
+    try:
+      graph_def.ParseFromString(f.read())
+    except Exception as e:  # protobuf raises its own DecodeError.
+      raise ValueError(f"{pb_path} is not a TensorFlow GraphDef protobuf: {e}") from e
+  names = {node.name for node in graph_def.node}
+  required = [INPUT_TENSOR, POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL]
+  missing = [t for t in required if t.split(":")[0] not in names]
+  if missing:
+    raise ValueError(f"{pb_path} lacks the Inception tensor(s) {missing} that the ADM evaluator "
+                     f"reads; is it classify_image_graph_def.pb?")
+  return graph_def
+
+
+class FeatureExtractor:
+  """ADM's Inception features from `classify_image_graph_def.pb`, with TF2 (no compat.v1).
+
+  The GraphDef is imported inside a `tf.function` with `ExpandDims:0` mapped to a batch of images;
+  the function runs only the ops its outputs need, so the graph's JPEG-decoding head and its
+  batch-1 softmax head stay idle.
+  """
+
+  def __init__(self, pb_path: str, batch_size: int = 64):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size} must be positive.")
+    graph_def = load_graph_def(pb_path)
+    self.pb_path = pb_path
+    self.batch_size = batch_size
+
+    def features(images_NxHxWx3):
+      pool, spatial, matmul = tf.graph_util.import_graph_def(
+          graph_def, input_map={INPUT_TENSOR: images_NxHxWx3},
+          return_elements=[POOL_TENSOR, SPATIAL_TENSOR, SOFTMAX_MATMUL], name="inception")
+      n = tf.shape(images_NxHxWx3)[0]
+      pool_NxD = tf.reshape(pool, [n, -1])
+      spatial_NxS = tf.reshape(spatial[..., :SPATIAL_CHANNELS], [n, -1])
+      # ADM: softmax(pool @ W) with the MatMul's weight input; the graph's own head is batch-1.
+      logits_NxC = tf.matmul(pool_NxD, matmul.inputs[1])
+      return pool_NxD, spatial_NxS, tf.nn.softmax(logits_NxC)
+
+    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
+    try:
+      self._features = tf.function(features).get_concrete_function(spec)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"Cannot build ADM features from {pb_path}: {e}") from e
+    self._tf = tf
+
+  def features(self, images_NxHxWx3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features of uint8 images, computed in batches of `batch_size` as float32 in [0, 255].
+
+    Returns:
+      (pool_NxD, spatial_NxS, probs_NxC), float32.
+    """
+    images_NxHxWx3 = np.asarray(images_NxHxWx3)
+    _check_images(images_NxHxWx3.dtype, images_NxHxWx3.shape, "images")
+    outs = [[], [], []]
+    for i in range(0, len(images_NxHxWx3), self.batch_size):
+      x = self._tf.constant(images_NxHxWx3[i:i + self.batch_size].astype(np.float32))
+      for out, y in zip(outs, self._features(x)):
+        out.append(y.numpy())
+    pool, spatial, probs = (np.concatenate(o, axis=0) for o in outs)
+    return pool, spatial, probs
+
+
+# ----------------------------------------------------------------------------- npz input
+
+
+def _check_images(dtype, shape, what: str) -> None:
+  if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+    raise ValueError(f"{what}: images must be uint8 N x H x W x 3 with N >= 1, "
+                     f"got {np.dtype(dtype).name} {tuple(shape)}.")
+
+
+class NpzImages:
+  """The `arr_0` images of an ADM-format npz, validated up front and streamed in batches.
+
+  Streaming reads the array member of the zip directly, so 50k 256x256 images (9.8 GB) are never
+  in memory at once. Works for `np.savez` and `np.savez_compressed` files.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"npz file not found: {path}")
+    try:
+      with zipfile.ZipFile(path) as zf:
+        if "arr_0.npy" not in zf.namelist():
+          keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+          raise ValueError(f"{path} has no 'arr_0' array of images (keys: {keys}).")
+        with zf.open("arr_0.npy") as f:
+          self._header = _read_npy_header(f)
+    except zipfile.BadZipFile as e:
+      raise ValueError(f"{path} is not an .npz (zip) file: {e}") from e
+    self.shape, fortran_order, dtype = self._header
+    _check_images(dtype, self.shape, f"{path} arr_0")
+    self._streamable = not fortran_order
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+    """Yields uint8 arrays of at most `batch_size` images, in order."""
+    if not self._streamable:
+      with np.load(self.path) as npz:
+        images = npz["arr_0"]
+      for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size]
+      return
+    row = int(np.prod(self.shape[1:]))
+    with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+      _read_npy_header(f)
+      for i in range(0, self.shape[0], batch_size):
+        bs = min(batch_size, self.shape[0] - i)
+        data = f.read(bs * row)
+        if len(data) != bs * row:
+          raise ValueError(f"{self.path}: arr_0 is truncated at image {i}.")
+        yield np.frombuffer(data, np.uint8).reshape((bs, *self.shape[1:]))
+
+
+def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+  """(shape, fortran_order, dtype) of an .npy stream, leaving `f` at the start of the data."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  # Versions 2.0 and 3.0 share the layout (3.0 only allows utf-8 field names).
+  return np.lib.format.read_array_header_2_0(f)
+
+
+def read_statistics(path: str) -> tuple[tuple[np.ndarray, np.ndarray],
+                                        tuple[np.ndarray, np.ndarray]] | None:
+  """Precomputed ((mu, sigma), (mu_s, sigma_s)) of an npz, or None when it has no `mu` (ADM)."""
+  with np.load(path, allow_pickle=False) as npz:
+    if "mu" not in npz.files:
+      return None
+    missing = [k for k in STAT_KEYS if k not in npz.files]
+    if missing:
+      raise ValueError(f"{path} has 'mu' but lacks the statistics {missing}.")
+    mu, sigma, mu_s, sigma_s = (npz[k] for k in STAT_KEYS)
+  return (mu, sigma), (mu_s, sigma_s)
+
+
+class Extractor(Protocol):
+  """What `evaluate` needs of a feature extractor (`FeatureExtractor` or a test double)."""
+
+  def features(self, images_NxHxWx3: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ...
+
+
+def npz_features(images: NpzImages, extractor: Extractor, batch_size: int = 64
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(pool_NxD, spatial_NxS, probs_NxC) of every image of an npz, read `batch_size` at a time."""
+  outs = [[], [], []]
+  num_batches = -(-len(images) // batch_size)
+  for b, batch in enumerate(images.batches(batch_size)):
+    for out, y in zip(outs, extractor.features(batch)):
+      out.append(y)
+    if (b + 1) % 100 == 0 or b + 1 == num_batches:
+      logging.info("%s: %d/%d batches", images.path, b + 1, num_batches)
+  pool, spatial, probs = (np.concatenate(o, axis=0) for o in outs)
+  return pool, spatial, probs
+
+
+def _check_stats(stats, dim: int, path: str, keys: str) -> None:
+  mu, sigma = stats
+  if np.shape(mu) != (dim,) or np.shape(sigma) != (dim, dim):
+    raise ValueError(f"{path}: statistics {keys} have shapes {np.shape(mu)}, {np.shape(sigma)} "
+                     f"but the Inception features are {dim}-d.")
+
+
+def evaluate(ref_npz: str, sample_npz: str, extractor: Extractor, *, batch_size: int = 64
+             ) -> dict[str, float | int]:
+  """Scores a sample npz against a reference npz exactly as ADM's evaluator does.
+
+  Pool and spatial statistics come from each npz's `mu, sigma, mu_s, sigma_s` when present (the
+  ADM reference batches carry them) and from its features otherwise. The reference images are
+  still run through the network: precision/recall needs their pool features.
+
+  Args:
+    ref_npz: reference batch, e.g. `VIRTUAL_imagenet256_labeled.npz`.
+    sample_npz: samples, `arr_0` uint8 N x H x W x 3.
+    extractor: a `FeatureExtractor` (or anything with the same `features` method).
+    batch_size: images read from the npz and passed to the extractor at a time.
+
+  Returns:
+    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'num_samples', 'num_ref'}.
+  """
+  ref_images, sample_images = NpzImages(ref_npz), NpzImages(sample_npz)
+  ref_stats, sample_stats = read_statistics(ref_npz), read_statistics(sample_npz)
+  ref_pool, ref_spatial, _ = npz_features(ref_images, extractor, batch_size)
+  sample_pool, sample_spatial, sample_probs = npz_features(sample_images, extractor, batch_size)
+  for path, stats, pool, spatial in ((ref_npz, ref_stats, ref_pool, ref_spatial),
+                                     (sample_npz, sample_stats, sample_pool, sample_spatial)):
+    if stats is not None:
+      _check_stats(stats[0], pool.shape[1], path, "(mu, sigma)")
+      _check_stats(stats[1], spatial.shape[1], path, "(mu_s, sigma_s)")
+  if ref_stats is None:
+    ref_stats = compute_statistics(ref_pool), compute_statistics(ref_spatial)
+  if sample_stats is None:
+    sample_stats = compute_statistics(sample_pool), compute_statistics(sample_spatial)
+  precision, recall = precision_recall(ref_pool, sample_pool)
+  return {
+      "inception_score": inception_score(sample_probs),
+      "fid": frechet_distance(*sample_stats[0], *ref_stats[0]),
+      "sfid": frechet_distance(*sample_stats[1], *ref_stats[1]),
+      "precision": precision,
+      "recall": recall,
+      "num_samples": len(sample_images),
+      "num_ref": len(ref_images),
+  }
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+  """The lines ADM prints."""
+  return "\n".join([f"Inception Score: {metrics['inception_score']}",
+                    f"FID: {metrics['fid']}",
+                    f"sFID: {metrics['sfid']}",
+                    f"Precision: {metrics['precision']}",
+                    f"Recall: {metrics['recall']}"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """CLI: scores SAMPLES.npz against REF.npz and writes SAMPLES.txt and SAMPLES.json."""
+  parser = argparse.ArgumentParser(prog="python -m npp_jax.evaluate",
+                                   description="ADM evaluator: IS, FID, sFID, precision, recall.")
+  parser.add_argument("ref_batch", help="reference batch npz, e.g. VIRTUAL_imagenet256_labeled.npz")
+  parser.add_argument("sample_batch", help="sample npz (arr_0: uint8 N x H x W x 3)")
+  parser.add_argument("--inception", required=True, help="path to classify_image_graph_def.pb")
+  parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  for path in (args.ref_batch, args.sample_batch):
+    NpzImages(path)  # Fails on a bad npz before the slow graph import.
+  extractor = FeatureExtractor(args.inception, batch_size=args.batch_size)
+  metrics = evaluate(args.ref_batch, args.sample_batch, extractor, batch_size=args.batch_size)
+  text = format_metrics(metrics)
+  print(text)
+  stem = os.path.splitext(args.sample_batch)[0]
+  with open(stem + ".txt", "w") as f:
+    f.write(text + "\n")
+  with open(stem + ".json", "w") as f:
+    json.dump({"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, **metrics}, f,
+              indent=2)
+  return metrics
+
+
+if __name__ == "__main__":
+  main()

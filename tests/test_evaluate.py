@@ -1,0 +1,341 @@
+"""Tests of npp_jax.evaluate: ADM metric math against independent computations, npz input
+checks, and the TF2 feature path end to end on a tiny fake Inception GraphDef."""
+import json
+import os
+import warnings
+
+from hypothesis import given, settings, strategies as st
+import numpy as np
+import pytest
+from scipy import linalg, special
+
+from npp_jax import evaluate as ev
+
+
+def _random_cov(rng, d, n=None):
+  x = rng.normal(size=(n or 4 * d, d)) @ rng.normal(size=(d, d))
+  return np.cov(x, rowvar=False)
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def test_fid_of_identical_statistics_is_zero():
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(200, 16)).astype(np.float32)
+  mu, sigma = ev.compute_statistics(feats)
+  np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64).T), rtol=1e-6)
+  assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_fid_of_diagonal_gaussians_has_closed_form(d, seed):
+  rng = np.random.default_rng(seed)
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d) * 3
+  s1, s2 = rng.uniform(0.1, 5, size=d), rng.uniform(0.1, 5, size=d)
+  expected = np.sum((mu1 - mu2)**2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+  got = ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+  np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(2, 10), seed=st.integers(0, 2**31 - 1))
+def test_fid_matches_eigenvalue_formula_and_is_symmetric(d, seed):
+  rng = np.random.default_rng(seed)
+  mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+  s1, s2 = _random_cov(rng, d), _random_cov(rng, d)
+  # tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), a symmetric PSD matrix.
+  r1 = linalg.sqrtm(s1).real
+  eig = np.clip(linalg.eigvalsh(r1 @ s2 @ r1), 0, None)
+  expected = np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(eig))
+  fd12 = ev.frechet_distance(mu1, s1, mu2, s2)
+  fd21 = ev.frechet_distance(mu2, s2, mu1, s1)
+  scale = np.trace(s1) + np.trace(s2)
+  assert abs(fd12 - expected) < 1e-7 * scale
+  assert abs(fd12 - fd21) < 1e-7 * scale
+
+
+def test_fid_singular_product_retries_with_eps():
+  # sqrtm of a nilpotent matrix is not finite; ADM then adds eps * I to both covariances.
+  eps = 1e-6
+  sigma1, sigma2 = np.array([[0., 1.], [0., 0.]]), np.eye(2)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # scipy's LinAlgWarning about the singular matrix.
+    got = ev.frechet_distance(np.zeros(2), sigma1, np.zeros(2), sigma2, eps=eps)
+  np.testing.assert_allclose(got, 2 - 4 * np.sqrt(eps * (1 + eps)), rtol=1e-9)
+
+
+def test_fid_rejects_imaginary_root_and_mismatched_shapes():
+  with pytest.raises(ValueError, match="imaginary"):
+    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+  with pytest.raises(ValueError, match="different shapes"):
+    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+  with pytest.raises(ValueError, match="Covariances"):
+    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3))
+
+
+# ----------------------------------------------------------------------------- Inception Score
+
+
+def test_inception_score_of_uniform_predictions_is_one():
+  assert ev.inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+  assert ev.inception_score(np.zeros((7, 5)), from_logits=True) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("num_classes", [1, 3, 10])
+def test_inception_score_of_evenly_spread_one_hot_is_num_classes(num_classes):
+  probs = np.eye(num_classes)[np.arange(5 * num_classes) % num_classes]
+  assert ev.inception_score(probs) == pytest.approx(num_classes, rel=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 60), c=st.integers(2, 8), split=st.integers(1, 25),
+       seed=st.integers(0, 2**31 - 1))
+def test_inception_score_matches_kl_over_splits(n, c, split, seed):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=(n, c)) * 3
+  probs = special.softmax(logits, axis=1)
+  scores = []
+  for i in range(0, n, split):
+    part = probs[i:i + split]
+    kl = special.rel_entr(part, part.mean(0, keepdims=True)).sum(1)
+    scores.append(np.exp(kl.mean()))
+  got = ev.inception_score(probs, split_size=split)
+  np.testing.assert_allclose(got, np.mean(scores), rtol=1e-10)
+  np.testing.assert_allclose(ev.inception_score(logits, split, from_logits=True), got, rtol=1e-10)
+  assert 1 - 1e-9 <= got <= c + 1e-9
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _brute_force_pr(ref, sample, k):
+  def sq_dist(a, b):
+    return ((a[:, None, :].astype(np.float64) - b[None, :, :])**2).sum(-1)
+  radii_ref = np.sort(sq_dist(ref, ref), axis=1)[:, k]
+  radii_sample = np.sort(sq_dist(sample, sample), axis=1)[:, k]
+  d = sq_dist(ref, sample)
+  precision = np.mean([(d[:, j] <= radii_ref).any() for j in range(len(sample))])
+  recall = np.mean([(d[i, :] <= radii_sample).any() for i in range(len(ref))])
+  return precision, recall
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(4, 30), n=st.integers(4, 30), d=st.integers(1, 6), k=st.integers(1, 3),
+       row=st.integers(1, 12), col=st.integers(1, 12), shift=st.integers(0, 3),
+       seed=st.integers(0, 2**31 - 1))
+def test_precision_recall_matches_brute_force(m, n, d, k, row, col, shift, seed):
+  # Small integer features make every float16 distance exact, so the comparison is exact.
+  rng = np.random.default_rng(seed)
+  ref = rng.integers(-4, 5, size=(m, d)).astype(np.float32)
+  sample = (rng.integers(-4, 5, size=(n, d)) + shift).astype(np.float32)
+  got = ev.precision_recall(ref, sample, k=k, row_batch_size=row, col_batch_size=col)
+  assert got == pytest.approx(_brute_force_pr(ref, sample, k), abs=1e-12)
+
+
+def test_precision_recall_of_identical_and_far_apart_sets():
+  rng = np.random.default_rng(1)
+  feats = rng.uniform(0, 2, size=(64, 32)).astype(np.float32)
+  assert ev.precision_recall(feats, feats) == (1.0, 1.0)
+  assert ev.precision_recall(feats, feats + 100, row_batch_size=16, col_batch_size=24) == (0., 0.)
+  with pytest.raises(ValueError, match="more than 3"):
+    ev.precision_recall(feats[:3], feats)
+
+
+def test_pairwise_distances_float16_and_float32_fallback():
+  rng = np.random.default_rng(2)
+  u, v = rng.uniform(0, 1, size=(20, 64)), rng.uniform(0, 1, size=(30, 64))
+  exact = ((u[:, None] - v[None])**2).sum(-1)
+  got = ev.pairwise_sq_distances(u, v)
+  assert got.dtype == np.float32
+  # float16 rounding (relative 2^-11 of the norms) is what ADM computes: close, not equal.
+  np.testing.assert_allclose(got, exact, atol=0.1)
+  assert not np.allclose(got, exact, atol=1e-4)
+  # Norms over 65504 overflow float16, so the block is recomputed in float32.
+  big_u, big_v = u * 100, v * 100
+  exact_big = ((big_u[:, None] - big_v[None])**2).sum(-1)
+  np.testing.assert_allclose(ev.pairwise_sq_distances(big_u, big_v), exact_big, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- npz input
+
+
+def _images(rng, n, h=12, w=10):
+  return rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_images_stream_in_batches(tmp_path, save):
+  images = _images(np.random.default_rng(3), 11)
+  path = str(tmp_path / "s.npz")
+  save(path, images, np.arange(11))
+  reader = ev.NpzImages(path)
+  assert len(reader) == 11 and reader.shape == images.shape
+  batches = list(reader.batches(4))
+  assert [len(b) for b in batches] == [4, 4, 3]
+  np.testing.assert_array_equal(np.concatenate(batches), images)
+
+
+def test_npz_bad_inputs_name_the_file(tmp_path):
+  rng = np.random.default_rng(4)
+  cases = {
+      "no_arr0.npz": (dict(images=_images(rng, 2)), "no 'arr_0'"),
+      "float.npz": (dict(arr_0=_images(rng, 2).astype(np.float32)), "uint8 N x H x W x 3"),
+      "gray.npz": (dict(arr_0=_images(rng, 2)[..., 0]), "uint8 N x H x W x 3"),
+      "rgba.npz": (dict(arr_0=np.zeros((2, 4, 4, 4), np.uint8)), "uint8 N x H x W x 3"),
+  }
+  for name, (arrays, msg) in cases.items():
+    path = str(tmp_path / name)
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match=msg) as e:
+      ev.NpzImages(path)
+    assert path in str(e.value)
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    ev.NpzImages(str(tmp_path / "missing.npz"))
+  (tmp_path / "text.npz").write_text("not a zip")
+  with pytest.raises(ValueError, match="text.npz"):
+    ev.NpzImages(str(tmp_path / "text.npz"))
+  np.savez(str(tmp_path / "partial.npz"), arr_0=_images(rng, 2), mu=np.zeros(3))
+  with pytest.raises(ValueError, match=r"partial.npz.*sigma"):
+    ev.read_statistics(str(tmp_path / "partial.npz"))
+
+
+# ----------------------------------------------------------------------------- TF feature path
+
+_POOL_DIM, _NUM_CLASSES, _SPATIAL_CH = 16, 10, 9
+
+
+def _fake_weights():
+  rng = np.random.default_rng(5)
+  return dict(
+      k1=rng.normal(size=(3, 3, 3, _SPATIAL_CH)).astype(np.float32) * 0.3,
+      k2=rng.normal(size=(3, 3, _SPATIAL_CH, _POOL_DIM)).astype(np.float32) * 0.3,
+      w=rng.normal(size=(_POOL_DIM, _NUM_CLASSES)).astype(np.float32),
+      b=rng.normal(size=(_NUM_CLASSES,)).astype(np.float32))
+
+
+def _fake_body(tf, x, wts):
+  """Resize, normalise, `mixed_6/conv` (8x8x9) and `pool_3` (1x1x16), with Inception's names."""
+  x = tf.raw_ops.ResizeBilinear(images=x, size=tf.constant([16, 16]), name="ResizeBilinear")
+  x = tf.raw_ops.Mul(x=x - 128.0, y=tf.constant(1 / 128.0), name="Mul")
+  c = tf.raw_ops.Conv2D(input=x, filter=tf.constant(wts["k1"]), strides=[1, 2, 2, 1],
+                        padding="SAME", name="mixed_6/conv/Conv2D")
+  spatial = tf.raw_ops.Relu(features=c, name="mixed_6/conv")
+  c2 = tf.raw_ops.Conv2D(input=spatial, filter=tf.constant(wts["k2"]), strides=[1, 1, 1, 1],
+                         padding="SAME", name="mixed_10/Conv2D")
+  pool = tf.raw_ops.AvgPool(value=tf.nn.relu(c2), ksize=[1, 8, 8, 1], strides=[1, 1, 1, 1],
+                            padding="VALID", name="pool_3")
+  return spatial, pool
+
+
+def _write_fake_inception(tf, path, wts, drop=None):
+  """A tiny GraphDef shaped like classify_image_graph_def.pb: JPEG head, ExpandDims input,
+  batch-1 softmax head (`pool_3/_reshape` to [1, D]) that would fail if run on a batch."""
+  g = tf.Graph()
+  with g.as_default():
+    contents = tf.raw_ops.Placeholder(dtype=tf.string, shape=[], name="DecodeJpeg/contents")
+    x = tf.raw_ops.DecodeJpeg(contents=contents, channels=3, name="DecodeJpeg")
+    x = tf.raw_ops.Cast(x=x, DstT=tf.float32, name="Cast")
+    x = tf.raw_ops.ExpandDims(input=x, axis=tf.constant(0), name="ExpandDims")
+    _, pool = _fake_body(tf, x, wts)
+    r = tf.raw_ops.Reshape(tensor=pool, shape=tf.constant([1, _POOL_DIM]), name="pool_3/_reshape")
+    m = tf.raw_ops.MatMul(a=r, b=tf.constant(wts["w"], name="softmax/weights"),
+                          name="softmax/logits/MatMul")
+    logits = tf.raw_ops.BiasAdd(value=m, bias=tf.constant(wts["b"]), name="softmax/logits")
+    tf.raw_ops.Softmax(logits=logits, name="softmax")
+  graph_def = g.as_graph_def()
+  if drop:
+    kept = [n for n in graph_def.node if n.name != drop]
+    del graph_def.node[:]
+    graph_def.node.extend(kept)
+  with open(path, "wb") as f:
+    f.write(graph_def.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def fake_inception(tmp_path_factory):
+  tf = pytest.importorskip("tensorflow")
+  wts = _fake_weights()
+  path = str(tmp_path_factory.mktemp("inception") / "fake_inception.pb")
+  _write_fake_inception(tf, path, wts)
+  return tf, wts, path, ev.FeatureExtractor(path, batch_size=4)
+
+
+def test_feature_extractor_matches_direct_computation(fake_inception):
+  tf, wts, _, extractor = fake_inception
+  images = _images(np.random.default_rng(6), 7)
+  pool, spatial, probs = extractor.features(images)
+  assert pool.shape == (7, _POOL_DIM) and spatial.shape == (7, 8 * 8 * 7)
+  assert probs.shape == (7, _NUM_CLASSES)
+  spatial_ref, pool_ref = _fake_body(tf, tf.constant(images.astype(np.float32)), wts)
+  np.testing.assert_allclose(pool, pool_ref.numpy().reshape(7, -1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(spatial, spatial_ref.numpy()[..., :7].reshape(7, -1), rtol=1e-5,
+                             atol=1e-5)
+  # ADM's IS head: softmax(pool @ W) with the MatMul's weights and no bias.
+  np.testing.assert_allclose(probs, special.softmax(pool @ wts["w"], axis=1), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_feature_extractor_rejects_bad_graphs_and_images(fake_inception, tmp_path):
+  tf, wts, _, extractor = fake_inception
+  for name in ("softmax/logits/MatMul", "mixed_6/conv"):
+    path = str(tmp_path / "broken.pb")
+    _write_fake_inception(tf, path, wts, drop=name)
+    with pytest.raises(ValueError, match=name) as e:
+      ev.load_graph_def(path)
+    assert path in str(e.value)
+  with pytest.raises(FileNotFoundError, match="nope.pb"):
+    ev.FeatureExtractor(str(tmp_path / "nope.pb"))
+  with pytest.raises(ValueError, match="uint8 N x H x W x 3"):
+    extractor.features(np.zeros((2, 8, 8, 3), np.float32))
+
+
+# 10 samples give singular 448-d spatial covariances; scipy warns, ADM's formula still applies.
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_evaluate_end_to_end_and_precomputed_reference_statistics(fake_inception, tmp_path):
+  _, _, pb_path, extractor = fake_inception
+  rng = np.random.default_rng(7)
+  ref_images, sample_images = _images(rng, 12, 20, 20), _images(rng, 10, 16, 24)
+  ref_path, sample_path = str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")
+  np.savez(ref_path, ref_images)
+  np.savez(sample_path, sample_images)
+
+  metrics = ev.evaluate(ref_path, sample_path, extractor, batch_size=5)
+  assert set(metrics) == {"inception_score", "fid", "sfid", "precision", "recall", "num_samples",
+                          "num_ref"}
+  ref_pool, ref_spatial, _ = extractor.features(ref_images)
+  pool, spatial, probs = extractor.features(sample_images)
+  fid = ev.frechet_distance(*ev.compute_statistics(pool), *ev.compute_statistics(ref_pool))
+  sfid = ev.frechet_distance(*ev.compute_statistics(spatial), *ev.compute_statistics(ref_spatial))
+  assert metrics["fid"] == pytest.approx(fid, rel=1e-5) and metrics["fid"] > 0
+  assert metrics["sfid"] == pytest.approx(sfid, rel=1e-5) and metrics["sfid"] > 0
+  assert metrics["inception_score"] == pytest.approx(ev.inception_score(probs), rel=1e-6)
+  assert (metrics["precision"], metrics["recall"]) == ev.precision_recall(ref_pool, pool)
+  assert (metrics["num_samples"], metrics["num_ref"]) == (10, 12)
+
+  # A reference batch with precomputed statistics (as ADM's) uses them instead of its images'.
+  mu, sigma = np.full(_POOL_DIM, 3.0), np.eye(_POOL_DIM)
+  mu_s, sigma_s = np.zeros(spatial.shape[1]), 2 * np.eye(spatial.shape[1])
+  np.savez(ref_path, ref_images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+  stats = ev.evaluate(ref_path, sample_path, extractor, batch_size=5)
+  assert stats["fid"] == pytest.approx(
+      ev.frechet_distance(*ev.compute_statistics(pool), mu, sigma), rel=1e-5)
+  assert stats["sfid"] == pytest.approx(
+      ev.frechet_distance(*ev.compute_statistics(spatial), mu_s, sigma_s), rel=1e-5)
+  assert stats["precision"] == metrics["precision"] and stats["recall"] == metrics["recall"]
+
+  np.savez(ref_path, ref_images, mu=mu[:3], sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+  with pytest.raises(ValueError, match=r"ref.npz: statistics \(mu, sigma\)"):
+    ev.evaluate(ref_path, sample_path, extractor)
+
+  # The CLI prints ADM's lines and writes them next to the samples.
+  np.savez(ref_path, ref_images)
+  out = ev.main([ref_path, sample_path, f"--inception={pb_path}", "--batch_size=8"])
+  assert out["fid"] == pytest.approx(fid, rel=1e-5)
+  text = (tmp_path / "samples.txt").read_text()
+  assert text.startswith("Inception Score: ") and "\nFID: " in text and "\nRecall: " in text
+  saved = json.loads((tmp_path / "samples.json").read_text())
+  assert saved["sfid"] == pytest.approx(sfid, rel=1e-5)
+  assert os.path.basename(saved["sample_batch"]) == "samples.npz"
