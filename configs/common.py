@@ -42,6 +42,7 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # token shards (local or gs://), see npp_jax/data.py.
+  c.data.builtin = ""  # "digits": build the CPU demo's shards in <workdir>/digits_tokens instead.
   c.data.train_split = "train"
   c.data.eval_split = ""  # "" = no evaluation.
   c.data.num_workers = 4  # grain worker processes per host (0 = in-process).

@@ -104,7 +104,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                      f"config.ckpt.keep={config.ckpt.keep} must be >= 1.")
   if config.log_every_steps < 1:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be >= 1.")
-  if not config.data.path:
+  if config.data.builtin not in ("", "digits"):
+    raise ValueError(f"config.data.builtin={config.data.builtin!r} must be '' or 'digits'.")
+  if not config.data.path and not config.data.builtin:
     raise ValueError("config.data.path is empty: point it at token shards "
                      "(e.g. --config.data.path=gs://BUCKET/imagenet256_tokens).")
   if config.data.num_workers < 0:

@@ -125,11 +125,24 @@ def _make_writer(workdir: epath.Path):
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
 
 
-def evaluate(config, graphdef, params, mesh) -> float | None:
+def data_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
+  """config.data.path, or the built-in demo set (built once by process 0) in the workdir."""
+  if config.data.builtin != "digits":
+    return epath.Path(config.data.path)
+  from jax.experimental import multihost_utils
+  from npp_jax import digits
+  path = workdir / "digits_tokens"
+  if jax.process_index() == 0:
+    digits.build_digits_shards(path)
+  multihost_utils.sync_global_devices("digits_tokens_built")
+  return path
+
+
+def evaluate(config, path, graphdef, params, mesh) -> float | None:
   """Mean next-token CE (nats/token) over `config.eval_batches` batches of the eval split."""
   if not config.data.eval_split:
     return None
-  ds = data.make_eval_dataset(config.data.path, split=config.data.eval_split,
+  ds = data.make_eval_dataset(path, split=config.data.eval_split,
                               global_batch_size=config.global_batch_size,
                               process_index=jax.process_index(),
                               process_count=jax.process_count())
@@ -179,14 +192,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = epath.Path(workdir)
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(dict(config.mesh))
-  source = data.open_split(config.data.path, config.data.train_split)
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+  path = data_path(config, workdir)
+  source = data.open_split(path, config.data.train_split)
   meta = source.metadata
   if meta.vocab_size > config.model.vocab_size or meta.num_classes > config.model.num_classes:
-    raise ValueError(f"config.data.path={config.data.path} holds vocab {meta.vocab_size} and "
+    raise ValueError(f"config.data.path={path} holds vocab {meta.vocab_size} and "
                      f"{meta.num_classes} classes, more than config.model.vocab_size="
                      f"{config.model.vocab_size} / config.model.num_classes={config.model.num_classes}.")
   if meta.grid_size != config.model.grid_size:
-    raise ValueError(f"config.data.path={config.data.path} holds {meta.grid_size}x{meta.grid_size} "
+    raise ValueError(f"config.data.path={path} holds {meta.grid_size}x{meta.grid_size} "
                      f"token grids but config.model.grid_size={config.model.grid_size}.")
   spe = config_lib.steps_per_epoch(config, len(source))
   schedule = config_lib.schedule(config, len(source))
@@ -195,7 +211,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   cost = patching.training_cost(schedule)
 
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
@@ -204,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   graphdef, state = create_state(config, mesh, tx)
   ds = data.make_train_dataset(
-      config.data.path, split=config.data.train_split, global_batch_size=config.global_batch_size,
+      path, split=config.data.train_split, global_batch_size=config.global_batch_size,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers)
   data_iter = iter(ds)
@@ -213,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start = int(jax.device_get(state["step"]))
   if ckpt.latest_step() is not None and ckpt.saved_process_count(start) != jax.process_count():
     data_iter = iter(data.make_train_dataset(
-        config.data.path, split=config.data.train_split, global_batch_size=config.global_batch_size,
+        path, split=config.data.train_split, global_batch_size=config.global_batch_size,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
         num_workers=config.data.num_workers))
   logging.info("Step %d: %s.", start, how)
@@ -266,8 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.wait()
         break
       if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
-        writer.write_scalars(done, {"eval_loss": evaluate(config, graphdef, state["params"], mesh)})
-    eval_loss = evaluate(config, graphdef, state["params"], mesh)
+        writer.write_scalars(done, {"eval_loss": evaluate(config, path, graphdef, state["params"], mesh)})
+    eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
     final = int(jax.device_get(state["step"]))
     if eval_loss is not None:
       writer.write_scalars(final, {"eval_loss": eval_loss})
