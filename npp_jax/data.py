@@ -404,14 +404,16 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
 
 def make_train_dataset(path: epath.PathLike, *, split: str, global_batch_size: int, seed: int,
                        process_index: int, process_count: int, num_workers: int = 0,
-                       shuffle: bool = True) -> grain.IterDataset:
+                       shuffle: bool = True, start_batch: int = 0) -> grain.IterDataset:
   """Infinite training batches of this process: {"codes": int32 [b, N], "labels": int32 [b]}.
 
   b = global_batch_size // process_count. Records are shuffled globally with `seed` (reshuffled
   every epoch), repeated forever, then element k goes to process k % process_count, so processes
   read disjoint records within an epoch. Each sample's view is drawn from an RNG seeded by
-  (`seed`, its position), so the stream is a pure function of the arguments (num_workers only
-  changes the speed).
+  (`seed`, its global position), so the stream is a pure function of the arguments (num_workers
+  only changes the speed) and global batch s holds the same samples for any process count.
+  `start_batch` skips the first batches: resuming from a step when no saved iterator state fits
+  (e.g. after the process count changed).
   `iter(...)` gives an iterator with `get_state()`/`set_state()` for checkpointing.
   """
   local_bs = _local_batch_size(global_batch_size, process_index, process_count)
@@ -419,11 +421,13 @@ def make_train_dataset(path: epath.PathLike, *, split: str, global_batch_size: i
   ds = grain.MapDataset.source(source).seed(seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.repeat(None)[process_index::process_count]
-  ds = ds.random_map(_PickView(source.metadata.num_views))
+  # Views are drawn before the per-process slice, so element k of the global stream is the same
+  # record and view for any process count: global batch s is elements [s*GB, (s+1)*GB).
+  ds = ds.repeat(None).random_map(_PickView(source.metadata.num_views))
+  ds = ds[process_index::process_count].batch(local_bs, drop_remainder=True)[start_batch:]
   # Batching before `to_iter_dataset` keeps batches identical for any num_workers; the read
   # options then count batches, and grain's default (500 ahead) would hold far too many.
-  ds = ds.batch(local_bs, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
+  ds = ds.to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds

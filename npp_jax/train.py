@@ -60,8 +60,8 @@ def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
   if "ema" in state:
     new_state["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p,
                                     state["ema"], params)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "param_norm": optax.global_norm(params), "lr": lr_fn(step)}
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "param_norm": optax.tree.norm(params), "lr": lr_fn(step)}
   return new_state, metrics
 
 
@@ -245,11 +245,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   boundaries = set(schedule.boundaries)
   tokens_per_image = config.model.grid_size ** 2
 
+  history: dict[int, float] = {}  # step -> loss of every step whose metrics were fetched.
+
   def check(step, metrics):
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not np.isfinite(m["loss"]):
       raise NonFiniteLossError(f"non-finite loss {m['loss']} at step {step}; stopping. The last "
                                f"good checkpoint ({ckpt.latest_step()}) is kept.")
+    history[step] = m["loss"]
     return m
 
   pending, last, t_log, s_log = None, {}, time.time(), start
@@ -293,6 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
              "training_cost": cost, "compiled_patch_sizes": sorted(step_fns.compiled),
              "workdir": str(workdir)}
   logging.info("Done: %s", json.dumps(summary))
+  summary["losses"] = dict(sorted(history.items()))
   return summary
 
 

@@ -430,3 +430,23 @@ def test_data_path_never_imports_tensorflow(shards):
           f" seed=0, process_index=0, process_count=1)); next(it); "
           f"assert 'tensorflow' not in sys.modules, 'tensorflow imported'")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_global_batches_independent_of_process_count(shards, process_count):
+  """Global batch s holds the same records and views for 1 or several processes (resume onto
+  another topology relies on it)."""
+  one = _batches(shards, 6, global_batch_size=32)
+  parts = [_batches(shards, 6, global_batch_size=32, process_index=p, process_count=process_count)
+           for p in range(process_count)]
+  for s in range(6):
+    together = np.concatenate([parts[p][s]["codes"] for p in range(process_count)])
+    key = lambda codes: sorted(map(tuple, codes[:, :2].tolist()))  # (record id, view) pairs.
+    assert key(together) == key(one[s]["codes"])
+
+
+def test_start_batch_skips_batches(shards):
+  full = _batches(shards, 10)
+  skipped = _batches(shards, 4, start_batch=6)
+  for x, y in zip(full[6:], skipped):
+    np.testing.assert_array_equal(x["codes"], y["codes"])
