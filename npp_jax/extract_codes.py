@@ -1,0 +1,540 @@
+"""ImageNet -> VQ codes of every view of every image -> token shards, resumably, on all hosts.
+
+Owns the extraction run: image sources (tfds ArrayRecord data sources, ImageNet-style folders),
+VQ checkpoint loading, the unit plan and its resumability, batched encoding, and the final check.
+The pixel pipeline itself is `npp_jax.preprocess`; the shard format is `npp_jax.data`.
+
+One record per image: its label and the codes of all its views, [V, N] (V = 10 per crop range
+with ten-crop, in `preprocess.view_names` order, e.g. crop range 1.1 views 0..9 then 1.05 views
+10..19; V = 2 without ten-crop). Record order is the source's index order (ImageFolder order for
+folders, so record i is the reference's `{i}.npy`).
+
+Units and resumability. Every split is cut into the same number U of contiguous, near-equal
+index ranges ("units"), U = ceil(largest split / records_per_shard) (`data.finalize` expects the
+same writer count for every split). Unit u of a split is written by its own
+`data.ShardWriter(process_index=u)`, i.e. to `{split}-{u:05d}-00000.array_record` plus its
+manifest, and is done once its marker `extract_units/{split}-{u:05d}.json` exists (written after
+the writer closed, with the unit's record count and label range). Process p of P does the units
+u with u % P == p, skipping done ones, so a restart (even with another process count) redoes
+only unfinished units, and the output files do not depend on the process count. The run's plan
+(split sizes, U, shard header) is stored in `extract_plan.json`; a restart with a different plan
+is refused. After a barrier, process 0 checks every unit's marker against the plan and the
+sources (record counts, labels in range), calls `data.finalize`, and re-opens every split.
+
+Encoding runs on this process's local devices (`vq.make_encode_fn` over a mesh of
+`jax.local_devices()`, batch split over them): units need no cross-process lockstep, so processes
+with different amounts of remaining work never wait on each other. JPEG decoding and cropping run
+in a thread pool, a bounded number of images ahead of the encoder.
+
+Shapes: B images per step, V views, S image size, N tokens per view.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import itertools
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+import uuid
+
+from absl import app, flags, logging
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from npp_jax import data, preprocess, sharding, vq
+
+PLAN_FILE = "extract_plan.json"
+UNIT_DIR = "extract_units"
+_PLAN_VERSION = 1
+# torchvision's IMG_EXTENSIONS (ImageFolder), matched case-insensitively.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_MAX_UNITS = 99_999  # data.py names writers with 5 digits.
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
+
+
+class SourceError(ValueError):
+  """An image source (folder, class folder, tfds split, image file, label) is missing or bad."""
+
+
+# ----------------------------------------------------------------------------- image sources
+
+class ImageSource(Protocol):
+  """Random access to labelled images."""
+  description: str  # Provenance, stored in the shards' metadata.
+  class_names: tuple[str, ...]  # Label i is class_names[i].
+
+  def __len__(self) -> int: ...
+
+  def load(self, index: int) -> tuple[Image.Image, int, str]:
+    """(RGB PIL image, label, name for error messages) of image `index`."""
+
+
+def decode_image(raw: bytes, name: str) -> Image.Image:
+  """Encoded bytes -> RGB PIL image, like torchvision's pil_loader; errors name the image."""
+  try:
+    with Image.open(io.BytesIO(raw)) as image:
+      return image.convert("RGB")
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError.
+    raise SourceError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+class FolderSource:
+  """ImageNet-style folder ROOT/<class>/**/<image>, indexed exactly like torchvision ImageFolder.
+
+  Classes are the sorted subfolder names (labels 0..C-1); images are found with a sorted
+  os.walk per class and kept by extension (IMG_EXTENSIONS). Local paths (or a mounted bucket).
+  """
+
+  def __init__(self, root: str | os.PathLike):
+    self.root = root = os.fspath(root)
+    if not os.path.isdir(root):
+      raise SourceError(f"image folder {root!r} does not exist or is not a directory")
+    self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+    if not self.class_names:
+      raise SourceError(f"image folder {root!r} has no class subfolders (expected "
+                        f"ROOT/<class>/<image>)")
+    self._paths, labels = [], []
+    for label, name in enumerate(self.class_names):
+      class_dir = os.path.join(root, name)
+      before = len(self._paths)
+      for dirpath, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+        self._paths += [os.path.join(dirpath, f) for f in sorted(fnames)
+                        if f.lower().endswith(IMG_EXTENSIONS)]
+      if len(self._paths) == before:
+        raise SourceError(f"class folder {class_dir!r} holds no images (extensions "
+                          f"{', '.join(IMG_EXTENSIONS)})")
+      labels += [label] * (len(self._paths) - before)
+    self._labels = np.asarray(labels, np.int32)
+    self.description = f"folder:{root}"
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def load(self, index: int) -> tuple[Image.Image, int, str]:
+    path = self._paths[index]
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except OSError as e:
+      raise SourceError(f"{path}: cannot read ({e})") from e
+    return decode_image(raw, path), int(self._labels[index]), path
+
+
+class TfdsSource:
+  """A split of a prepared tfds dataset (ArrayRecord files) via `tfds.data_source`, no tf.data.
+
+  Images are read as their stored JPEG bytes and decoded with PIL like the folder source (tfds'
+  own numpy decoding would use OpenCV when installed, which rounds differently). tfds' ImageNet
+  stores the few CMYK/greyscale originals re-encoded as RGB JPEGs, so those few differ slightly
+  from a folder of the original files. Labels are tfds' ClassLabel ids, which for imagenet2012
+  are the sorted wnids, i.e. ImageFolder's order (checked).
+  """
+
+  def __init__(self, name: str, split: str, data_dir: str | None = None):
+    import tensorflow_datasets as tfds  # Imported here: only this source needs it.
+    try:
+      self._source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+                                      download=False,
+                                      decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # tfds raises several types for a missing dataset/split.
+      raise SourceError(f"tfds dataset {name!r} split {split!r} (data_dir {data_dir!r}) cannot be "
+                        f"opened; is it prepared there as ArrayRecord (`tfds build {name} "
+                        f"--file_format=array_record` after the manual download)? "
+                        f"{type(e).__name__}: {e}") from e
+    label = self._source.dataset_info.features["label"]
+    self.class_names = tuple(label.names)
+    if list(self.class_names) != sorted(self.class_names):
+      raise SourceError(f"tfds {name!r} label names are not sorted, so its label ids are not "
+                        f"ImageFolder's (LlamaGen's) class ids")
+    if not len(self._source):
+      raise SourceError(f"tfds {name!r} split {split!r} is empty")
+    self.name, self.split = name, split
+    self.description = f"tfds:{name}/{split}"
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def load(self, index: int) -> tuple[Image.Image, int, str]:
+    example = self._source[index]
+    file_name = example.get("file_name", b"")
+    file_name = file_name.item() if isinstance(file_name, np.ndarray) else file_name
+    file_name = file_name.decode() if isinstance(file_name, bytes) else str(file_name)
+    where = f"tfds {self.name}/{self.split} record {index} ({file_name})"
+    return decode_image(example["image"], where), int(example["label"]), where
+
+
+def open_sources(config: ml_collections.ConfigDict) -> dict[str, ImageSource]:
+  """split -> source for `config.splits`, from config.source ("tfds" | "folder")."""
+  splits = list(config.splits)
+  if not splits:
+    raise ValueError("config.splits is empty")
+  if config.source == "folder":
+    missing = [s for s in splits if not config.folder.get(s)]
+    if missing:
+      raise ValueError(f"config.folder has no path for splits {missing} "
+                       f"(set --config.folder.{missing[0]}=ROOT)")
+    return {s: FolderSource(config.folder[s]) for s in splits}
+  if config.source == "tfds":
+    return {s: TfdsSource(config.tfds.name, s, config.tfds.data_dir) for s in splits}
+  raise ValueError(f"config.source={config.source!r} must be 'tfds' or 'folder'")
+
+
+# ----------------------------------------------------------------------------- VQ checkpoint
+
+def load_vq_model(path: str) -> vq.VQModel:
+  """The tokenizer from a converted params dir (`python -m npp_jax.convert vq ...`; local or
+  gs://) or a LlamaGen weight file (.pt/.pth/.bin/.ckpt, or a state-dict .npz/.safetensors;
+  local), strictly checked by npp_jax.convert."""
+  from npp_jax import convert  # At run time: convert is the heavier module and changes apart.
+  if not path:
+    raise ValueError("config.vq_checkpoint is empty (a converted VQ dir, or a .pt/.npz file)")
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
+  return convert.load_converted_vq(path) if p.is_dir() else convert.load_vq(path)
+
+
+# ----------------------------------------------------------------------------- plan and units
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What one output directory holds; identical on every process (a pure function of inputs)."""
+  split_sizes: Mapping[str, int]
+  num_units: int
+  header: Mapping[str, Any]  # data.ShardWriter header fields: grid_size, ..., extra.
+
+  def unit_range(self, split: str, unit: int) -> tuple[int, int]:
+    n, u = self.split_sizes[split], self.num_units
+    return unit * n // u, (unit + 1) * n // u
+
+  def to_json(self) -> dict[str, Any]:
+    # Round trip through JSON so tuples compare equal to what a file gives back.
+    return json.loads(json.dumps({"version": _PLAN_VERSION, "split_sizes": dict(self.split_sizes),
+                                  "num_units": self.num_units, "header": dict(self.header)}))
+
+
+def make_plan(split_sizes: Mapping[str, int], records_per_shard: int,
+              header: Mapping[str, Any]) -> Plan:
+  """U = ceil(largest split / records_per_shard) units per split (at least 1)."""
+  if records_per_shard < 1:
+    raise ValueError(f"config.records_per_shard={records_per_shard} must be >= 1")
+  num_units = max(1, math.ceil(max(split_sizes.values()) / records_per_shard))
+  if num_units > _MAX_UNITS:
+    raise ValueError(f"{num_units} units per split exceed {_MAX_UNITS}: raise "
+                     f"config.records_per_shard={records_per_shard}")
+  return Plan(dict(split_sizes), num_units, dict(header))
+
+
+def _check_or_write_plan(out: epath.Path, plan: Plan, process_index: int) -> None:
+  """Refuses an output directory planned differently; process 0 writes the plan if absent."""
+  path = out / PLAN_FILE
+  want = plan.to_json()
+  if path.exists():
+    have = json.loads(path.read_text())
+    if have != want:
+      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+      if "header" in diff:
+        h, w = have.get("header", {}), want["header"]
+        diff += [f"header.{k}" for k in sorted(set(h) | set(w)) if h.get(k) != w.get(k)]
+      raise ValueError(f"{path}: this output directory was planned differently (fields {diff} "
+                       f"differ: other splits, sizes, records_per_shard, views, tokenizer or "
+                       f"source); rerun with the same config or use a new config.out")
+  elif process_index == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, want)
+
+
+def _marker_path(out: epath.Path, split: str, unit: int) -> epath.Path:
+  return out / UNIT_DIR / f"{split}-{unit:05d}.json"
+
+
+def _write_json_atomic(path: epath.Path, obj: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+  tmp.write_text(json.dumps(obj, indent=1))
+  tmp.replace(path)
+
+
+def _read_marker(out: epath.Path, plan: Plan, split: str, unit: int) -> dict[str, int] | None:
+  """The unit's marker if it exists and matches the plan, else None."""
+  path = _marker_path(out, split, unit)
+  if not path.exists():
+    return None
+  try:
+    marker = json.loads(path.read_text())
+  except json.JSONDecodeError:
+    logging.warning("%s: unreadable unit marker; the unit is redone", path)
+    return None
+  start, end = plan.unit_range(split, unit)
+  if (marker.get("start"), marker.get("end"), marker.get("num_records")) != (start, end,
+                                                                            end - start):
+    logging.warning("%s: marker %s does not match the plan [%d, %d); the unit is redone", path,
+                    marker, start, end)
+    return None
+  return marker
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _prefetch(fn: Callable[[Any], Any], items: Iterable[Any],
+              pool: concurrent.futures.Executor, depth: int) -> Iterator[Any]:
+  """fn(item) for items, in order, with up to `depth` calls running ahead in `pool`."""
+  items = iter(items)
+  queue = collections.deque()
+  for item in items:
+    queue.append(pool.submit(fn, item))
+    if len(queue) >= depth:
+      yield queue.popleft().result()
+  while queue:
+    yield queue.popleft().result()
+
+
+class _Progress:
+  """Logs images/s and ETA of this process every `every_s` seconds."""
+
+  def __init__(self, total: int, every_s: float):
+    self.total, self.every_s, self.done = total, every_s, 0
+    self.start = self.last = time.monotonic()
+
+  def update(self, n: int, where: str, force: bool = False) -> None:
+    self.done += n
+    now = time.monotonic()
+    if force or now - self.last >= self.every_s:
+      self.last = now
+      rate = self.done / max(now - self.start, 1e-9)
+      eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+      logging.info("extract %s: %d/%d images of this process, %.1f images/s, ETA %.0f min",
+                   where, self.done, self.total, rate, eta / 60)
+
+
+def _shard_header(sources: Mapping[str, ImageSource], model: vq.VQModel,
+                  config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """data.ShardWriter header fields (grid, vocab, classes, views, provenance in `extra`)."""
+  class_names = {s: src.class_names for s, src in sources.items()}
+  first = next(iter(class_names.values()))
+  for split, names in class_names.items():
+    if names != first:
+      raise SourceError(f"split {split!r} has {len(names)} classes that differ from split "
+                        f"{next(iter(class_names))!r}'s {len(first)}: labels would not agree")
+  cfg = model.config
+  size, ten = int(config.image_size), bool(config.ten_crop)
+  if size % cfg.downsample_factor:
+    raise ValueError(f"config.image_size={size} is not a multiple of the tokenizer's "
+                     f"downsampling factor {cfg.downsample_factor}")
+  ranges = [float(r) for r in config.crop_ranges] if ten else []
+  names = preprocess.view_names(ten, ranges)
+  layout = (f"views {', '.join(f'{i}={n}' for i, n in enumerate(names))}; "
+            + ("per crop range: center_crop_arr(crop size), then torchvision TenCrop order tl, tr, "
+               "bl, br, center, then the same five of the horizontally flipped square"
+               if ten else "center_crop_arr(image_size) and its horizontal flip"))
+  extra = {
+      "source": {s: src.description for s, src in sources.items()},
+      "class_names": list(first),
+      "image_size": size,
+      "ten_crop": ten,
+      "crop_ranges": ranges,
+      "crop_sizes": [preprocess.crop_size(size, r) for r in ranges],
+      "view_names": names,
+      "view_layout": layout,
+      "preprocessing": "PIL RGB decode, ADM center_crop_arr, ToTensor, Normalize(0.5, 0.5)",
+      "tokenizer": {"checkpoint": str(config.vq_checkpoint),
+                    "config": dataclasses.asdict(cfg)},
+  }
+  return dict(grid_size=size // cfg.downsample_factor, vocab_size=cfg.codebook_size,
+              num_classes=len(first), num_views=len(names), extra=extra)
+
+
+def _encode_and_write(examples: Iterable[tuple[np.ndarray, int]], writer: data.ShardWriter,
+                      encode: Callable[[jax.Array], jax.Array], batch_sharding: Any,
+                      step_images: int, on_written: Callable[[int], None]) -> list[int]:
+  """Encodes (views VxSxSx3, label) examples `step_images` at a time and writes their records.
+
+  Returns the labels written, in order. The last batch is zero-padded to the compiled shape.
+  """
+  labels, pending = [], None
+
+  def flush(codes_BVxN, batch_labels):
+    codes_BxVxN = np.asarray(codes_BVxN).reshape(step_images, -1, codes_BVxN.shape[-1])
+    for label, codes_VxN in zip(batch_labels, codes_BxVxN):
+      writer.write(label, codes_VxN)
+    labels.extend(batch_labels)
+    on_written(len(batch_labels))
+
+  examples = iter(examples)
+  while batch := list(itertools.islice(examples, step_images)):
+    views_BxVxSxSx3 = np.stack([views for views, _ in batch])
+    if len(batch) < step_images:
+      pad = np.zeros((step_images - len(batch),) + views_BxVxSxSx3.shape[1:], np.float32)
+      views_BxVxSxSx3 = np.concatenate([views_BxVxSxSx3, pad])
+    # Placed explicitly: jit refuses sharded numpy inputs when there are several processes.
+    views_BVxSxSx3 = jax.device_put(
+        views_BxVxSxSx3.reshape((-1,) + views_BxVxSxSx3.shape[2:]), batch_sharding)
+    # Dispatch is asynchronous: the previous batch is written while this one encodes.
+    codes = encode(views_BVxSxSx3)
+    if pending is not None:
+      flush(*pending)
+    pending = (codes, [label for _, label in batch])
+  if pending is not None:
+    flush(*pending)
+  return labels
+
+
+def _final_check(out: epath.Path, plan: Plan) -> data.ShardMetadata:
+  """Process 0, after every process finished: markers vs plan, finalize, reopen every split."""
+  num_classes = plan.header["num_classes"]
+  for split, size in plan.split_sizes.items():
+    total = 0
+    for unit in range(plan.num_units):
+      marker = _read_marker(out, plan, split, unit)
+      if marker is None:
+        raise data.ShardError(f"{_marker_path(out, split, unit)}: unit {unit} of split {split!r} "
+                              f"is not finished (a process failed or was stopped); rerun")
+      if marker["num_records"] and not (0 <= marker["label_min"] <= marker["label_max"]
+                                        < num_classes):
+        raise data.ShardError(f"{_marker_path(out, split, unit)}: labels [{marker['label_min']}, "
+                              f"{marker['label_max']}] outside [0, {num_classes})")
+      total += marker["num_records"]
+    if total != size:
+      raise data.ShardError(f"split {split!r}: units hold {total} records, the source {size}")
+  meta = data.finalize(out, num_processes=plan.num_units)
+  if set(meta.splits) != set(plan.split_sizes):
+    raise data.ShardError(f"{out}: manifests of splits {sorted(meta.splits)}, planned "
+                          f"{sorted(plan.split_sizes)} (stale files of another run?)")
+  for split, size in plan.split_sizes.items():
+    if meta.num_records(split) != size:
+      raise data.ShardError(f"{out}: split {split!r} has {meta.num_records(split)} records in "
+                            f"{data.METADATA_FILE}, the source {size}")
+    shards = data.open_split(out, split)  # Checks every file's record count.
+    for index in {0, len(shards) - 1}:
+      _ = shards[index]  # Decoding checks the header, label and token range.
+  return meta
+
+
+def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSource] | None = None,
+            devices: Sequence[jax.Device] | None = None, process_index: int | None = None,
+            process_count: int | None = None) -> data.ShardMetadata | None:
+  """Runs (or resumes) the extraction described by `config` into `config.out`.
+
+  Args:
+    config: see configs/extract_imagenet.py.
+    sources: split -> ImageSource, instead of the config's source and splits.
+    devices: this process's encoding devices (default jax.local_devices()).
+    process_index, process_count: this process's share of the units (default JAX's).
+  Returns the finalized metadata on process 0, None on the others.
+  """
+  p = jax.process_index() if process_index is None else process_index
+  num_p = jax.process_count() if process_count is None else process_count
+  if not 0 <= p < num_p:
+    raise ValueError(f"process_index={p} outside [0, process_count={num_p})")
+  if not config.out:
+    raise ValueError("config.out is empty (an output directory, local or gs://)")
+  out = epath.Path(config.out)
+  sources = dict(open_sources(config) if sources is None else sources)
+  for split in sources:
+    if not _SPLIT_RE.fullmatch(split):  # data.ShardWriter's rule, checked before any work.
+      raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
+  model = load_vq_model(config.vq_checkpoint)
+  header = _shard_header(sources, model, config)
+  plan = make_plan({s: len(src) for s, src in sources.items()}, config.records_per_shard, header)
+  _check_or_write_plan(out, plan, p)
+
+  mesh = sharding.make_mesh(dict(config.mesh), list(devices or jax.local_devices()))
+  if mesh.shape["tensor"] != 1:
+    raise ValueError(f"config.mesh.tensor={mesh.shape['tensor']} must be 1: the tokenizer is "
+                     f"replicated and only the batch is split")
+  if config.batch_size_per_device < 1:
+    raise ValueError(f"config.batch_size_per_device={config.batch_size_per_device} must be >= 1")
+  step_images = config.batch_size_per_device * mesh.devices.size
+  size, num_classes = header["extra"]["image_size"], header["num_classes"]
+  encode = vq.make_encode_fn(model, mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  mine = [(s, u) for s in sources for u in range(plan.num_units) if u % num_p == p]
+  todo = [(s, u) for s, u in mine if _read_marker(out, plan, s, u) is None]
+  logging.info("extract process %d/%d: %d of its %d units already done; %d to do; %d images per "
+               "step on %d devices", p, num_p, len(mine) - len(todo), len(mine), len(todo),
+               step_images, mesh.devices.size)
+
+  def load(item):
+    split, index = item
+    image, label, name = sources[split].load(index)
+    if not 0 <= label < num_classes:
+      raise SourceError(f"{name}: label {label} outside [0, num_classes={num_classes})")
+    views = preprocess.image_views(image, size, header["extra"]["crop_ranges"],
+                                   header["extra"]["ten_crop"])
+    return views, label
+
+  items = [(s, i) for s, u in todo for i in range(*plan.unit_range(s, u))]
+  progress = _Progress(len(items), float(config.log_every_seconds))
+  pool = concurrent.futures.ThreadPoolExecutor(config.num_threads or min(32, os.cpu_count() or 1))
+  try:
+    examples = _prefetch(load, items, pool, max(1, config.prefetch_batches) * step_images)
+    for split, unit in todo:
+      start, end = plan.unit_range(split, unit)
+      with data.ShardWriter(out, split, process_index=unit, records_per_shard=max(1, end - start),
+                            **plan.header) as writer:
+        labels = _encode_and_write(itertools.islice(examples, end - start), writer, encode,
+                                   batch_sharding, step_images,
+                                   functools.partial(progress.update, where=f"{split} unit {unit}"))
+      _write_json_atomic(_marker_path(out, split, unit), {
+          "start": start, "end": end, "num_records": len(labels),
+          "label_min": min(labels, default=0), "label_max": max(labels, default=0)})
+      progress.update(0, f"{split} unit {unit} done", force=True)
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
+
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("npp_jax.extract_codes: units done")
+  meta = None
+  if p == 0:
+    meta = _final_check(out, plan)
+    logging.info("extract: finalized %s: %s", out,
+                 {s: meta.num_records(s) for s in meta.splits})
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("npp_jax.extract_codes: finalized")
+  return meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _define_flags():
+  """The CLI's flags; defined only when run as a program (npp_jax.main also owns --config)."""
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Extraction config file.", lock_config=True)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (CPU/GPU clusters).")
+  flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
+  flags.DEFINE_integer("process_id", None, "Index of this process.")
+  flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.coordinator_address:
+    jax.distributed.initialize(coordinator_address=f.coordinator_address,
+                               num_processes=f.num_processes, process_id=f.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):  # A TPU pod slice.
+    jax.distributed.initialize()
+  meta = extract(f.config)
+  if meta is not None:
+    print(f"Wrote {f.config.out}: " + ", ".join(f"{s} {meta.num_records(s)} records"
+                                                for s in meta.splits)
+          + f"; {meta.num_views} views of {meta.num_tokens} tokens each.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,506 @@
+"""Tests for npp_jax.preprocess and npp_jax.extract_codes: crop geometry, end-to-end extraction
+from an image folder and a mock tfds ImageNet, resumability, device/process invariance, errors."""
+import functools
+import logging
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+from flax import nnx
+from hypothesis import given, settings, strategies as st
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs import extract_imagenet
+from npp_jax import data, extract_codes, preprocess, vq
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_VQ = vq.VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
+                      codebook_embed_dim=8)  # 32 px -> 8x8 tokens, fast to encode.
+CLASSES = ("n03", "n01", "n02")  # Created unsorted; labels follow sorted names.
+SIZES = ((40, 32), (33, 50), (80, 72), (100, 90))  # (w, h); 80x72 and 100x90 get BOX-halved.
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def vq_path(tmp_path_factory):
+  """A random tiny VQ as a reference-layout state dict .npz (what a converter would read)."""
+  rng = np.random.default_rng(0)
+  sd = {}
+  for key, shape in vq.expected_state_dict_shapes(TINY_VQ).items():
+    if len(shape) == 4:  # Conv weights, PyTorch's default init range.
+      sd[key] = rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
+    elif "norm" in key and key.endswith("weight"):
+      sd[key] = np.ones(shape, np.float32)
+    else:  # Biases and the codebook.
+      sd[key] = rng.normal(0, 1.0 if key.startswith("quantize") else 0.1, shape).astype(np.float32)
+  path = tmp_path_factory.mktemp("vq") / "tiny_vq.npz"
+  np.savez(path, **sd)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(vq_path):
+  return extract_codes.load_vq_model(vq_path)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """3 classes x 4 JPEGs of different sizes, plus a nested image and a non-image file."""
+  root = tmp_path_factory.mktemp("imagenet") / "train"
+  rng = np.random.default_rng(1)
+  for c in CLASSES:
+    (root / c).mkdir(parents=True)
+    for j, (w, h) in enumerate(SIZES):
+      yy, xx = np.mgrid[:h, :w]
+      img = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1)
+      img = np.clip(img + rng.integers(-40, 40, img.shape), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(root / c / f"img{3 - j}.JPEG", quality=92)
+  (root / "n01" / "notes.txt").write_text("not an image")
+  (root / "n01" / "sub").mkdir()
+  Image.fromarray(np.full((36, 36, 3), 200, np.uint8)).save(root / "n01" / "sub" / "a.jpeg")
+  return root
+
+
+def _config(folder, vq_path, out, **overrides):
+  c = extract_imagenet.get_config("mock")
+  c.folder.train = str(folder)
+  c.vq_checkpoint = vq_path
+  c.out = str(out)
+  c.update(overrides)
+  return c
+
+
+def _expected_records(folder):
+  """(path, label) in ImageFolder order: sorted classes, sorted os.walk, sorted names."""
+  out = []
+  for label, c in enumerate(sorted(CLASSES)):
+    for dirpath, _, names in sorted(os.walk(folder / c)):
+      out += [(os.path.join(dirpath, n), label) for n in sorted(names) if not n.endswith(".txt")]
+  return out
+
+
+def _files(out):
+  """Every shard byte and the metadata, to compare whole outputs."""
+  out = pathlib.Path(out)
+  return {p.name: p.read_bytes() for p in sorted(out.glob("*.array_record"))} | {
+      "metadata": (out / data.METADATA_FILE).read_text()}
+
+
+@functools.cache
+def _jit_encode():
+  return jax.jit(lambda graphdef, state, x: nnx.merge(graphdef, state).encode_to_indices(x))
+
+
+def _encode_directly(model, views_BxSxSx3):
+  graphdef, state = nnx.split(model)
+  return np.asarray(_jit_encode()(graphdef, state, views_BxSxSx3))
+
+
+_MAKE_ENCODE_FN = vq.make_encode_fn
+_ENCODE_FNS = {}  # device ids -> encode fn of the tiny VQ, shared by the tests below.
+
+
+@pytest.fixture
+def shared_encode(monkeypatch, model):
+  """make_encode_fn with one jitted function per device set, so tests do not recompile it per
+  run (every test uses the same tiny VQ). Returns ([calls], [fail at call k or None])."""
+  calls, fail_at = [0], [None]
+
+  def make(unused_model, mesh):
+    key = tuple(d.id for d in mesh.devices.flat)
+    if key not in _ENCODE_FNS:
+      _ENCODE_FNS[key] = _MAKE_ENCODE_FN(model, mesh)
+
+    def call(x):
+      calls[0] += 1
+      if fail_at[0] is not None and calls[0] >= fail_at[0]:
+        raise RuntimeError("simulated preemption")
+      return _ENCODE_FNS[key](x)
+    return call
+
+  monkeypatch.setattr(extract_codes.vq, "make_encode_fn", make)
+  return calls, fail_at
+
+
+@pytest.fixture(scope="module")
+def clean_run(folder, vq_path, tmp_path_factory):
+  """One uninterrupted run through the real code path (8 devices, 8 images per step)."""
+  out = tmp_path_factory.mktemp("clean") / "codes"
+  meta = extract_codes.extract(_config(folder, vq_path, out))
+  return out, meta
+
+
+# ----------------------------------------------------------------------------- crop geometry
+
+def test_crop_sizes_and_centre_offsets():
+  assert [preprocess.crop_size(s, r) for s in (256, 384) for r in (1.1, 1.05)] == [
+      281, 268, 422, 403]
+  assert preprocess.five_crop_boxes(281, 256) == (
+      (0, 0, 256, 256), (25, 0, 281, 256), (0, 25, 256, 281), (25, 25, 281, 281),
+      (12, 12, 268, 268))
+  assert preprocess.five_crop_boxes(422, 384)[4] == (19, 19, 403, 403)
+  assert preprocess.five_crop_boxes(268, 256)[4] == (6, 6, 262, 262)
+  assert preprocess.five_crop_boxes(403, 384)[4] == (10, 10, 394, 394)  # round(9.5) = 10.
+  with pytest.raises(ValueError, match="crop_range"):
+    preprocess.crop_size(256, 0.9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(side=st.integers(1, 600), size=st.integers(1, 600))
+def test_five_crop_boxes_property(side, size):
+  if size > side:
+    with pytest.raises(ValueError, match="larger"):
+      preprocess.five_crop_boxes(side, size)
+    return
+  boxes = preprocess.five_crop_boxes(side, size)
+  for left, top, right, bottom in boxes:
+    assert right - left == size and bottom - top == size
+    assert 0 <= left and 0 <= top and right <= side and bottom <= side
+  assert boxes[4][:2] == (int(round((side - size) / 2)),) * 2
+
+
+def test_ten_crop_order_on_coordinate_image():
+  """Each pixel encodes its (row, col); a crop's top-left pixel and its column step show where
+  it came from and whether it was flipped."""
+  s, size = 281, 256
+  rows, cols = np.mgrid[:s, :s]
+  img = np.stack([rows % 256, cols % 256, rows // 256 + 2 * (cols // 256)], -1).astype(np.uint8)
+  crops = preprocess.ten_crop(img, size)
+  assert crops.shape == (10, size, size, 3)
+  decode = lambda px: (int(px[0]) + 256 * (int(px[2]) % 2), int(px[1]) + 256 * (int(px[2]) // 2))
+  origins = [decode(c[0, 0]) for c in crops]
+  # tl, tr, bl, br, centre; then the flipped square's, whose column c is the original's 280-c.
+  assert origins == [(0, 0), (0, 25), (25, 0), (25, 25), (12, 12),
+                     (0, 280), (0, 255), (25, 280), (25, 255), (12, 268)]
+  steps = [decode(c[0, 1])[1] - decode(c[0, 0])[1] for c in crops]
+  assert steps == [1] * 5 + [-1] * 5
+
+
+def test_views_of_quadrant_image():
+  """A 281-px square with one colour per quadrant goes through image_views unchanged in
+  geometry (center_crop_arr of an exact-size square is the identity)."""
+  s, h = 281, 140
+  colours = {"TL": (255, 0, 0), "TR": (0, 255, 0), "BL": (0, 0, 255), "BR": (255, 255, 255)}
+  img = np.zeros((s, s, 3), np.uint8)
+  img[:h, :h], img[:h, h:], img[h:, :h], img[h:, h:] = (colours[k] for k in colours)
+  pil = Image.fromarray(img)
+  np.testing.assert_array_equal(np.asarray(preprocess.center_crop_arr(pil, s)), img)
+  views = preprocess.image_views(pil, 256, (1.1,))
+  assert views.shape == (10, 256, 256, 3) and views.dtype == np.float32
+  f = lambda k: np.asarray(colours[k], np.float32) / 127.5 - 1
+  corner = {"tl": (0, 0), "tr": (0, -1), "bl": (-1, 0), "br": (-1, -1)}
+  for i, name in enumerate(preprocess.TEN_CROP_NAMES):
+    base = name.removesuffix("_flip")
+    if base == "center":
+      # Centre crop [12, 268): its corners lie in the four quadrants, mirrored when flipped.
+      got = [views[i][corner[k]] for k in ("tl", "tr", "bl", "br")]
+      want = ["TL", "TR", "BL", "BR"] if name == "center" else ["TR", "TL", "BR", "BL"]
+    else:
+      got = [views[i][corner[base]]]
+      want = [{"tl": "TL", "tr": "TR", "bl": "BL", "br": "BR"}[base]]
+      if name.endswith("_flip"):  # Crop `base` of the mirrored square shows the other side.
+        want = [{"TL": "TR", "TR": "TL", "BL": "BR", "BR": "BL"}[want[0]]]
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, f(w), err_msg=f"view {i} ({name})")
+
+
+def test_to_float_matches_torch_order_and_range():
+  u8 = np.arange(256, dtype=np.uint8)
+  x = preprocess.to_float(u8)
+  want = (u8.astype(np.float32) / np.float32(255) - np.float32(0.5)) / np.float32(0.5)
+  np.testing.assert_array_equal(x, want)
+  assert x.dtype == np.float32 and x[0] == -1 and x[255] == 1 and np.all(np.diff(x) > 0)
+
+
+def test_center_crop_arr_hand_computed():
+  rng = np.random.default_rng(0)
+  big = Image.fromarray(rng.integers(0, 256, (800, 1200, 3), dtype=np.uint8))
+  # 800 >= 2*281: BOX to 600x400; scale 281/400: (round(421.5)=422, 281); crop x (422-281)//2.
+  want = np.asarray(big.resize((600, 400), Image.BOX).resize((422, 281), Image.BICUBIC))[:, 70:351]
+  np.testing.assert_array_equal(np.asarray(preprocess.center_crop_arr(big, 281)), want)
+  small = Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8))
+  # Upsampled: scale 35/20: (35, round(52.5)=52); crop y (52-35)//2 = 8.
+  want = np.asarray(small.resize((35, 52), Image.BICUBIC))[8:43]
+  np.testing.assert_array_equal(np.asarray(preprocess.center_crop_arr(small, 35)), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 300), h=st.integers(1, 300), size=st.integers(1, 80))
+def test_center_crop_arr_is_square(w, h, size):
+  out = preprocess.center_crop_arr(Image.new("RGB", (w, h)), size)
+  assert out.size == (size, size)
+
+
+def test_image_views_counts_and_names():
+  pil = Image.new("RGB", (50, 40), (10, 20, 30))
+  assert preprocess.image_views(pil, 32, (1.1, 1.05)).shape == (20, 32, 32, 3)
+  two = preprocess.image_views(pil, 32, (1.1, 1.05), ten_crop_views=False)
+  assert two.shape == (2, 32, 32, 3)
+  np.testing.assert_array_equal(two[1], two[0][:, ::-1])
+  assert preprocess.view_names(True, (1.1, 1.05))[9:11] == ["1.1/center_flip", "1.05/tl"]
+  with pytest.raises(ValueError, match="RGB"):
+    preprocess.image_views(Image.new("L", (40, 40)), 32, (1.1,))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def _check_against_direct_encoding(out, model, records, views_fn, num_views):
+  shards = data.open_split(out, "train")
+  assert len(shards) == len(records)
+  assert shards.metadata.num_views == num_views
+  views = np.concatenate([views_fn(p) for p, _ in records])
+  want_codes = _encode_directly(model, views).reshape(len(records), num_views, -1)
+  assert len(np.unique(want_codes)) > 10  # The tiny VQ really discriminates.
+  for i, (_, label) in enumerate(records):
+    rec = shards[i]
+    assert rec["label"] == label
+    np.testing.assert_array_equal(rec["codes"], want_codes[i], err_msg=f"record {i}")
+
+
+def test_folder_end_to_end(clean_run, folder, model):
+  out, meta = clean_run
+  records = _expected_records(folder)
+  assert len(records) == 13 and meta.num_records("train") == 13
+  assert meta.num_classes == 3 and meta.grid_size == 8 and meta.vocab_size == 64
+  assert meta.extra["class_names"] == sorted(CLASSES)
+  assert meta.extra["view_names"][:2] == ["1.1/tl", "1.1/tr"]
+  assert meta.extra["crop_sizes"] == [35, 33]
+  assert [n for _, n in meta.splits["train"]] == [3, 3, 3, 4]  # 4 near-equal units of <= 4.
+  views_fn = lambda p: preprocess.image_views(Image.open(p).convert("RGB"), 32, (1.1, 1.05))
+  _check_against_direct_encoding(out, model, records, views_fn, 20)
+
+
+@pytest.fixture(scope="module")
+def val_folder(folder):
+  """A validation split with the same classes, one image each (3 images for 4 units)."""
+  root = folder.parent / "val"
+  for c in CLASSES:
+    (root / c).mkdir(parents=True)
+    shutil.copy(folder / c / "img0.JPEG", root / c / "img0.JPEG")
+  return root
+
+
+def test_two_splits_without_ten_crop(folder, val_folder, vq_path, model, tmp_path, shared_encode,
+                                     caplog):
+  caplog.set_level(logging.INFO, logger="absl")
+  config = _config(folder, vq_path, tmp_path / "codes", ten_crop=False,
+                   splits=("train", "validation"))
+  config.folder.validation = str(val_folder)
+  meta = extract_codes.extract(config, devices=jax.devices()[:1])
+  assert meta.num_views == 2 and meta.extra["view_names"] == ["center", "center_flip"]
+  assert meta.extra["crop_ranges"] == []
+  # Both splits have 4 units (data.finalize's rule); validation's unit 0 is empty.
+  assert [n for _, n in meta.splits["validation"]] == [1, 1, 1]
+  assert meta.splits["validation"][0][0] == "validation-00001-00000.array_record"
+  views_fn = lambda p: preprocess.image_views(Image.open(p).convert("RGB"), 32, (),
+                                              ten_crop_views=False)
+  _check_against_direct_encoding(tmp_path / "codes", model, _expected_records(folder), views_fn, 2)
+  val = data.open_split(tmp_path / "codes", "validation")
+  same_image = [p for p, _ in _expected_records(folder)].index(str(folder / "n02" / "img0.JPEG"))
+  np.testing.assert_array_equal(
+      val[1]["codes"], data.open_split(tmp_path / "codes", "train")[same_image]["codes"])
+  assert [val[i]["label"] for i in range(3)] == [0, 1, 2]
+  assert re.search(r"validation unit 3 done: 16/16 images of this process, [\d.]+ images/s, "
+                   r"ETA 0 min", caplog.text)
+
+
+def test_resume_skips_finished_units_and_matches_clean_run(clean_run, folder, vq_path, tmp_path,
+                                                           shared_encode):
+  calls, fail_at = shared_encode
+  out = tmp_path / "codes"
+  # One device, one image per step: 3 + 3 + 3 + 4 encode calls. Fail on the 6th: unit 0 is done;
+  # unit 1 has its first record written (a batch is written after the next one is dispatched)
+  # but no manifest.
+  config = _config(folder, vq_path, out)
+  devices = jax.devices()[:1]
+  fail_at[0] = 6
+  with pytest.raises(RuntimeError, match="simulated preemption"):
+    extract_codes.extract(config, devices=devices)
+  assert (out / "train-00001-00000.array_record").exists()
+  assert not (out / data.MANIFEST_DIR / "train-00001.json").exists()
+  assert sorted(p.name for p in (out / extract_codes.UNIT_DIR).iterdir()) == ["train-00000.json"]
+  assert not (out / data.METADATA_FILE).exists()
+
+  calls[0], fail_at[0] = 0, None
+  extract_codes.extract(config, devices=devices)
+  assert calls[0] == 3 + 3 + 4  # Units 1, 2, 3 only.
+  assert _files(out) == _files(clean_run[0])
+
+  # Lose a finished unit (its marker and file): only that unit is redone.
+  (out / extract_codes.UNIT_DIR / "train-00002.json").unlink()
+  (out / "train-00002-00000.array_record").unlink()
+  calls[0] = 0
+  extract_codes.extract(config, devices=devices)
+  assert calls[0] == 3
+  assert _files(out) == _files(clean_run[0])
+
+  # A complete output is left alone.
+  calls[0] = 0
+  extract_codes.extract(config, devices=devices)
+  assert calls[0] == 0 and _files(out) == _files(clean_run[0])
+
+
+def test_output_independent_of_devices_batch_and_processes(clean_run, folder, vq_path, tmp_path,
+                                                           shared_encode):
+  # One device, one image per step (batches and padding differ from the 8-device clean run).
+  one = tmp_path / "one_device"
+  extract_codes.extract(_config(folder, vq_path, one), devices=jax.devices()[:1])
+  assert _files(one) == _files(clean_run[0])
+  # Two processes (run one after the other here): process 1 does units 1 and 3 and does not
+  # finalize; process 0 does units 0 and 2, then checks and finalizes.
+  two = tmp_path / "two_processes"
+  config = _config(folder, vq_path, two)
+  assert extract_codes.extract(config, process_index=1, process_count=2) is None
+  assert sorted(p.name for p in (two / extract_codes.UNIT_DIR).iterdir()) == [
+      "train-00001.json", "train-00003.json"]
+  assert not (two / data.METADATA_FILE).exists()
+  meta = extract_codes.extract(config, process_index=0, process_count=2)
+  assert meta.num_records("train") == 13
+  assert _files(two) == _files(clean_run[0])
+
+
+@pytest.mark.slow  # ~25 s here: the mock encodes its JPEGs with TensorFlow (import ~10 s).
+def test_tfds_mock_imagenet_end_to_end(vq_path, model, tmp_path, shared_encode):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  config = _config("", vq_path, tmp_path / "codes", source="tfds", splits=("train",))
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    meta = extract_codes.extract(config, devices=jax.devices()[:1])
+    raw = tfds.data_source("imagenet2012", split="train",
+                           decoders={"image": tfds.decode.SkipDecoding()})
+    examples = [raw[i] for i in range(len(raw))]
+  assert meta.num_records("train") == 5 and meta.num_classes == 1000
+  assert meta.extra["source"] == {"train": "tfds:imagenet2012/train"}
+  shards = data.open_split(tmp_path / "codes", "train")
+  views = np.concatenate([
+      preprocess.image_views(extract_codes.decode_image(ex["image"], "x"), 32, (1.1, 1.05))
+      for ex in examples])
+  want = _encode_directly(model, views).reshape(5, 20, -1)
+  for i, ex in enumerate(examples):
+    assert shards[i]["label"] == int(ex["label"])
+    np.testing.assert_array_equal(shards[i]["codes"], want[i])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+class _ListSource:
+  """In-memory ImageSource (labels as given, possibly out of range)."""
+  description = "list"
+
+  def __init__(self, labels, num_classes):
+    self.labels, self.class_names = labels, tuple(f"c{i}" for i in range(num_classes))
+
+  def __len__(self):
+    return len(self.labels)
+
+  def load(self, index):
+    return Image.new("RGB", (40, 40), (index * 40, 0, 0)), self.labels[index], f"item {index}"
+
+
+def test_load_vq_model_from_converted_dir_and_npz(vq_path, model, tmp_path):
+  from npp_jax import convert
+  convert.convert_checkpoint("vq", vq_path, tmp_path / "converted")
+  for m in (extract_codes.load_vq_model(str(tmp_path / "converted")),
+            extract_codes.load_vq_model(vq_path)):
+    assert m.config == TINY_VQ
+    for a, b in zip(jax.tree.leaves(nnx.state(m)), jax.tree.leaves(nnx.state(model))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="vq_checkpoint is empty"):
+    extract_codes.load_vq_model("")
+
+
+def test_missing_and_empty_folders(tmp_path):
+  with pytest.raises(extract_codes.SourceError, match="nowhere.*does not exist"):
+    extract_codes.FolderSource(tmp_path / "nowhere")
+  (tmp_path / "root" / "a").mkdir(parents=True)
+  (tmp_path / "root" / "b").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "root" / "a" / "x.JPEG")
+  (tmp_path / "root" / "b" / "readme.txt").write_text("no images here")
+  with pytest.raises(extract_codes.SourceError, match=r"root/b'? holds no images"):
+    extract_codes.FolderSource(tmp_path / "root")
+  (tmp_path / "flat").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.JPEG")
+  with pytest.raises(extract_codes.SourceError, match="no class subfolders"):
+    extract_codes.FolderSource(tmp_path / "flat")
+
+
+def test_corrupt_jpeg_names_the_file(folder, vq_path, tmp_path, shared_encode):
+  root = tmp_path / "train"
+  shutil.copytree(folder, root)
+  (root / "n02" / "img1.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  with pytest.raises(extract_codes.SourceError, match=r"n02/img1\.JPEG: cannot decode image"):
+    extract_codes.extract(_config(root, vq_path, tmp_path / "codes"), devices=jax.devices()[:1])
+  assert not (tmp_path / "codes" / data.METADATA_FILE).exists()
+
+
+def test_label_out_of_range_names_the_image(vq_path, tmp_path, shared_encode):
+  config = _config("", vq_path, tmp_path / "codes")
+  with pytest.raises(extract_codes.SourceError,
+                     match=r"item 2: label 3 outside \[0, num_classes=3\)"):
+    extract_codes.extract(config, sources={"train": _ListSource([0, 1, 3, 2], 3)},
+                          devices=jax.devices()[:1])
+
+
+def test_bad_config_and_changed_plan(folder, vq_path, tmp_path, clean_run, shared_encode):
+  with pytest.raises(ValueError, match="config.source='imagenet'"):
+    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", source="imagenet"))
+  with pytest.raises(ValueError, match=r"config.folder has no path for splits \['validation'\]"):
+    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", splits=("train", "validation")))
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    extract_codes.extract(_config(folder, str(tmp_path / "missing.npz"), tmp_path / "a"))
+  with pytest.raises(ValueError, match="config.mesh.tensor=2"):
+    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", mesh={"data": -1, "tensor": 2}))
+  with pytest.raises(ValueError, match="image_size=30 is not a multiple"):
+    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", image_size=30))
+  other = tmp_path / "other_classes"
+  (other / "n09").mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(other / "n09" / "x.JPEG")
+  config = _config(folder, vq_path, tmp_path / "a", splits=("train", "validation"))
+  config.folder.validation = str(other)
+  with pytest.raises(extract_codes.SourceError, match="labels would not agree"):
+    extract_codes.extract(config)
+  with pytest.raises(extract_codes.SourceError, match="is it prepared there as ArrayRecord"):
+    extract_codes.TfdsSource("imagenet2012", "train", str(tmp_path / "no_tfds_here"))
+  # Resuming into the clean run's directory with another unit size is refused.
+  out = tmp_path / "copy"
+  shutil.copytree(clean_run[0], out)
+  with pytest.raises(ValueError, match=r"planned differently \(fields \['num_units'\]"):
+    extract_codes.extract(_config(folder, vq_path, out, records_per_shard=5))
+  with pytest.raises(ValueError, match="header.extra"):
+    extract_codes.extract(_config(folder, vq_path, out, crop_ranges=(1.2, 1.05)))
+
+
+def test_config_variants():
+  assert extract_imagenet.get_config().image_size == 256
+  assert extract_imagenet.get_config().crop_ranges == (1.1, 1.05)
+  assert extract_imagenet.get_config("folder").source == "folder"
+  with pytest.raises(ValueError, match="unknown variant"):
+    extract_imagenet.get_config("384")
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+@pytest.mark.slow
+def test_two_processes_command_line(clean_run, folder, vq_path, tmp_path):
+  """`python -m npp_jax.extract_codes` in 2 JAX processes (2 CPU devices each) on localhost."""
+  portpicker = pytest.importorskip("portpicker")
+  port = portpicker.pick_unused_port()
+  out = tmp_path / "codes"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "npp_jax.extract_codes", "--config=configs/extract_imagenet.py:mock",
+       f"--config.folder.train={folder}", f"--config.vq_checkpoint={vq_path}",
+       f"--config.out={out}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs
+  assert "Wrote" in logs[0] and "train 13 records" in logs[0]
+  assert _files(out) == _files(clean_run[0])
