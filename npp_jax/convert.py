@@ -15,20 +15,45 @@ The GPT mapping (Linear weights are stored (out, in); our kernels are (in, out))
   norm.weight                                   -> norm.scale
   output.weight (V, D)                          -> output  (D, V)
 Ignored: `freqs_cis` and `*.kv_cache.*` (buffers the reference leaves in some state dicts).
+
+The VQ tokenizer's rename table and checks live in `npp_jax.vq` (`load_vq_state_dict`; it drops
+`quantize.codebook_used`); `load_vq` here only reads and unwraps the file.
+
+Files: `read_checkpoint` reads `.pt`/`.pth`/`.bin`/`.ckpt` (torch.save zip archives, through the
+restricted reader of `npp_jax.torch_pickle`: no PyTorch needed, nothing in the file is run),
+`.npz` (no pickles) and `.safetensors`.
+
+Command line, writing a params-only orbax checkpoint (`checkpoint.save_params`: DST/params plus
+DST/model_config.json holding the ModelConfig or VQConfig fields) that `config.ckpt.init_from`,
+`config.sample.vq_checkpoint`, `load_converted_gpt` and `load_converted_vq` read:
+  python -m npp_jax.convert --kind gpt --src c2i_B_256.pt --dst /ckpt/npp_b [--variant B]
+  python -m npp_jax.convert --kind vq --src vq_ds16_c2i.pt --dst /ckpt/vq16
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import math
+import os
 import re
-from typing import Any, Mapping
+import sys
+import zipfile
+from typing import Any, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from npp_jax import checkpoint
 from npp_jax import model as model_lib
+from npp_jax import torch_pickle
+from npp_jax import vq
 
 _PREFIXES = ("module.", "_orig_mod.")
 _IGNORED_GPT = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+PathLike = str | os.PathLike
 
 
 class ConversionError(ValueError):
@@ -42,6 +67,9 @@ def normalize_state_dict(ckpt: Mapping[str, Any], *, use_ema: bool = False) -> d
       raise ConversionError(f"use_ema was requested but the checkpoint has no 'ema' entry "
                             f"(top-level keys: {sorted(ckpt)[:10]}).")
     ckpt = ckpt["ema"]
+    if not isinstance(ckpt, Mapping):
+      what = ckpt.qualname if isinstance(ckpt, torch_pickle.Opaque) else type(ckpt).__name__
+      raise ConversionError(f"the checkpoint's 'ema' entry is a {what}, not a state dict.")
   else:
     for layout in ("model", "module", "state_dict"):
       if layout in ckpt and isinstance(ckpt[layout], Mapping):
@@ -57,6 +85,10 @@ def normalize_state_dict(ckpt: Mapping[str, Any], *, use_ema: bool = False) -> d
         if name.startswith(prefix):
           name, changed = name[len(prefix):], True
       name = name.replace("._orig_mod.", ".")
+    if isinstance(value, torch_pickle.Opaque):
+      raise ConversionError(f"entry {key!r} is a {value.qualname} object (not constructed), "
+                            f"not an array: not a weights mapping (keys: "
+                            f"{sorted(map(str, ckpt))[:10]}).")
     out[name] = np.asarray(value)
   return out
 
@@ -169,13 +201,14 @@ def gpt_params_from_state_dict(sd: Mapping[str, np.ndarray], cfg: model_lib.Mode
   }
 
 
-def load_gpt(state_dict: Mapping[str, Any], *, variant: str | None = None, n_head: int | None = None,
-             use_ema: bool = False, **overrides: Any) -> model_lib.Transformer:
+def load_gpt(state_dict: Mapping[str, Any] | PathLike, *, variant: str | None = None,
+             n_head: int | None = None, use_ema: bool = False,
+             **overrides: Any) -> model_lib.Transformer:
   """A ready Transformer holding the weights of a LlamaGen/NPP GPT state dict.
 
   Args:
     state_dict: a mapping from the reference's key names to arrays, or any checkpoint layout that
-      holds one (see `normalize_state_dict`).
+      holds one (see `normalize_state_dict`), or the path of a file `read_checkpoint` reads.
     variant: a named size (B, L, ...) giving the head count; checked against the shapes.
     n_head: the head count, when no variant matches.
     use_ema: take the `ema` entry of a training checkpoint.
@@ -184,18 +217,178 @@ def load_gpt(state_dict: Mapping[str, Any], *, variant: str | None = None, n_hea
   Raises:
     ConversionError: listing every missing, unexpected or mis-shaped key.
   """
+  if isinstance(state_dict, (str, os.PathLike)):
+    state_dict = read_checkpoint(state_dict)
   sd = normalize_state_dict(state_dict, use_ema=use_ema)
   cfg = gpt_config_from_state_dict(sd, variant=variant, n_head=n_head, **overrides)
   check_coverage(sd, gpt_expected_shapes(cfg), ignore=_IGNORED_GPT, what="GPT state dict")
-  model = model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
-  params = gpt_params_from_state_dict(sd, cfg)
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, jax_tree_asarray(params))
-  nnx.update(model, state)
-  return model
+  # An abstract model filled with the weights: no random init to compute and throw away.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, jax_tree_asarray(gpt_params_from_state_dict(sd, cfg)))
+  return nnx.merge(graphdef, state)
 
 
 def jax_tree_asarray(tree: Any) -> Any:
   if isinstance(tree, dict):
     return {k: jax_tree_asarray(v) for k, v in tree.items()}
   return jnp.asarray(tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------------------------
+def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
+  """The top-level mapping of a weight file, tensors as numpy arrays (read-only, maybe mmapped).
+
+  `.pt`/`.pth`/`.bin`/`.ckpt`: a torch.save zip archive, read without PyTorch; objects other than
+  tensors and containers (e.g. the `args` Namespace) come back as inert `torch_pickle.Opaque`.
+  `.npz`: arrays by name (pickled objects refused). `.safetensors`: arrays by name.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ConversionError / torch_pickle.TorchFileError (both ValueError): unknown suffix, unreadable
+      file, or a file whose top level is not a mapping.
+  """
+  path = os.fspath(path)
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix in _TORCH_SUFFIXES:
+    ckpt = torch_pickle.load(path)
+  elif suffix == ".safetensors":
+    ckpt = torch_pickle.load_safetensors(path)
+  elif suffix == ".npz":
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        ckpt = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+      raise ConversionError(f"{path}: cannot read the .npz without pickles: {e}") from None
+  else:
+    raise ConversionError(f"{path}: unknown checkpoint suffix {suffix!r}; expected one of "
+                          f"{list(_TORCH_SUFFIXES) + ['.npz', '.safetensors']}.")
+  if not isinstance(ckpt, Mapping):
+    what = ckpt.qualname if isinstance(ckpt, torch_pickle.Opaque) else type(ckpt).__name__
+    raise ConversionError(f"{path} holds a {what}, not a mapping of weights (a state dict or a "
+                          f"training checkpoint holding one); re-save model.state_dict().")
+  return ckpt
+
+
+def load_vq(path_or_state_dict: Mapping[str, Any] | PathLike, *,
+            use_ema: bool = False) -> vq.VQModel:
+  """A ready VQ tokenizer from a LlamaGen VQ checkpoint file or state dict.
+
+  Layouts as `normalize_state_dict` (`{"model"}`, `{"module"}`, `{"state_dict"}`, `{"ema"}` with
+  use_ema, raw; `module.`/`_orig_mod.` prefixes); the config (VQ-16, VQ-8, other widths) comes
+  from the shapes; `vq.load_vq_state_dict` checks every key strictly.
+
+  Raises:
+    ConversionError: listing every missing, unexpected or mis-shaped key, or an unreadable file.
+  """
+  source = "VQ state dict"
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    source = os.fspath(path_or_state_dict)
+    path_or_state_dict = read_checkpoint(path_or_state_dict)
+  sd = normalize_state_dict(path_or_state_dict, use_ema=use_ema)
+  try:
+    return vq.load_vq_state_dict(sd)
+  except ValueError as e:
+    raise ConversionError(f"{source}: {e}") from None
+
+
+def convert_checkpoint(kind: str, src: PathLike, dst: PathLike, *, variant: str | None = None,
+                       n_head: int | None = None, use_ema: bool = False,
+                       **overrides: Any) -> dict[str, Any]:
+  """Converts the GPT (`kind="gpt"`) or VQ (`kind="vq"`) weights of `src` into a params checkpoint.
+
+  Writes `dst/params` (the nnx.State of `nnx.split(model)[1]`, what `checkpoint.load_params` reads
+  into a model of the same config) and `dst/model_config.json` (the ModelConfig / VQConfig fields).
+  `variant`, `n_head` and `overrides` (ModelConfig fields such as grid_size) are for the GPT only.
+
+  Returns:
+    A summary: dst, kind, num_params, model_config, and `ignored`, the non-weight objects of the
+    file that were not constructed (e.g. `args: argparse.Namespace`).
+  """
+  if kind not in ("gpt", "vq"):
+    raise ConversionError(f"kind={kind!r} must be 'gpt' or 'vq'.")
+  if kind == "vq" and (variant is not None or n_head is not None or overrides):
+    raise ConversionError("variant, n_head and model overrides apply to kind='gpt' only.")
+  ckpt = read_checkpoint(src)
+  if kind == "gpt":
+    model = load_gpt(ckpt, variant=variant, n_head=n_head, use_ema=use_ema, **overrides)
+    config = model.cfg
+  else:
+    model = load_vq(ckpt, use_ema=use_ema)
+    config = model.config
+  fields = dataclasses.asdict(config)
+  params = nnx.split(model)[1]
+  checkpoint.save_params(dst, params, model_config=fields)
+  return dict(dst=os.fspath(dst), kind=kind, model_config=fields,
+              num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)),
+              ignored=[f"{where}: {name}" for where, name in torch_pickle.opaque_entries(ckpt)])
+
+
+def _stored_config(path: PathLike, cls: type, what: str) -> dict[str, Any]:
+  fields = checkpoint.read_model_config(path)
+  if fields is None:
+    raise FileNotFoundError(f"no model_config.json in {path}: not written by npp_jax.convert.")
+  names = {f.name for f in dataclasses.fields(cls)}
+  if set(fields) - names:
+    raise ConversionError(f"{path} does not hold a converted {what}: model_config.json has "
+                          f"fields {sorted(set(fields) - names)} that {cls.__name__} lacks.")
+  return fields
+
+
+def load_converted_gpt(path: PathLike, **overrides: Any) -> model_lib.Transformer:
+  """The Transformer saved by `convert_checkpoint(kind="gpt")` in `path`.
+
+  `overrides` change ModelConfig fields that are not shapes (dtype, dropout rates, remat).
+  """
+  cfg = model_lib.ModelConfig(**{**_stored_config(path, model_lib.ModelConfig, "GPT"), **overrides})
+  abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, abstract = nnx.split(abstract)
+  return nnx.merge(graphdef, checkpoint.load_params(path, abstract))
+
+
+def load_converted_vq(path: PathLike) -> vq.VQModel:
+  """The VQ tokenizer saved by `convert_checkpoint(kind="vq")` in `path`."""
+  config = vq.VQConfig(**_stored_config(path, vq.VQConfig, "VQ tokenizer"))
+  graphdef, abstract = nnx.split(vq.abstract_model(config))
+  return nnx.merge(graphdef, checkpoint.load_params(path, abstract))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m npp_jax.convert ...`; returns the exit status (1 with the error on stderr)."""
+  parser = argparse.ArgumentParser(
+      prog="python -m npp_jax.convert",
+      description="Convert LlamaGen/NPP PyTorch weights (GPT or VQ tokenizer) into an npp_jax "
+                  "params checkpoint, strictly. PyTorch is not needed.")
+  parser.add_argument("--kind", choices=("gpt", "vq"), required=True)
+  parser.add_argument("--src", required=True, help=".pt/.pth/.bin/.ckpt, .npz or .safetensors")
+  parser.add_argument("--dst", required=True, help="output directory (local or gs://)")
+  parser.add_argument("--variant",
+                      help=f"GPT size, checked against the shapes: {list(model_lib.VARIANTS)}")
+  parser.add_argument("--n_head", type=int, help="GPT head count when no named size matches")
+  parser.add_argument("--grid_size", type=int,
+                      help="GPT token grid side (16 for 256 px, 24 for 384 px)")
+  parser.add_argument("--use_ema", action="store_true", help="take the checkpoint's 'ema' weights")
+  args = parser.parse_args(argv)
+  overrides = {} if args.grid_size is None else {"grid_size": args.grid_size}
+  try:
+    out = convert_checkpoint(args.kind, args.src, args.dst, variant=args.variant,
+                             n_head=args.n_head, use_ema=args.use_ema, **overrides)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {out['dst']}/params ({out['num_params']:,} parameters, float32) and "
+        f"{out['dst']}/model_config.json")
+  print(f"{args.kind} config: {out['model_config']}")
+  if out["ignored"]:
+    print(f"not constructed, not weights (ignored): {', '.join(out['ignored'])}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
