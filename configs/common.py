@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.model.class_dropout = 0.1
   c.model.dtype = "bfloat16"  # matmul compute dtype; params, norms, logits and loss stay float32.
   c.model.remat = "none"  # none | full | dots | dots_no_batch.
+  c.model.scan_unroll = 0  # layer-scan unroll; 0 = auto (full on CPU, rolled on TPU/GPU).
   c.model.rope_placement = "coarse"  # coarse (reference) | centre (patches at their fine-grid centre).
 
   # Next patch prediction schedule (paper: #L = 2, lambda = 1/2, 300 epochs).

@@ -15,7 +15,8 @@ from npp_jax import patching
 from npp_jax import sharding
 
 _MODEL_FIELDS = ("n_kv_head", "vocab_size", "num_classes", "grid_size", "token_dropout",
-                 "resid_dropout", "ffn_dropout", "class_dropout", "dtype", "remat", "rope_placement")
+                 "resid_dropout", "ffn_dropout", "class_dropout", "dtype", "remat",
+                 "rope_placement", "scan_unroll")
 
 
 def model_config(config: ml_collections.ConfigDict, **overrides: Any) -> model_lib.ModelConfig:
