@@ -408,29 +408,41 @@ def make_train_dataset(path: epath.PathLike, *, split: str, global_batch_size: i
   """Infinite training batches of this process: {"codes": int32 [b, N], "labels": int32 [b]}.
 
   b = global_batch_size // process_count. Records are shuffled globally with `seed` (reshuffled
-  every epoch), repeated forever, then element k goes to process k % process_count, so processes
-  read disjoint records within an epoch. Each sample's view is drawn from an RNG seeded by
-  (`seed`, its global position), so the stream is a pure function of the arguments (num_workers
-  only changes the speed) and global batch s holds the same samples for any process count.
-  `start_batch` skips the first batches: resuming from a step when no saved iterator state fits
-  (e.g. after the process count changed).
-  `iter(...)` gives an iterator with `get_state()`/`set_state()` for checkpointing.
+  every epoch) and repeated forever into one global stream; global batch s is stream elements
+  [s*GB, (s+1)*GB) and process p reads rows [p*b, (p+1)*b) of it, so processes read disjoint
+  records within an epoch and the global batch (rows in order) is the same for any process count.
+  Each sample's view is drawn from an RNG seeded by (`seed`, its stream position), so the stream
+  is a pure function of the arguments (num_workers only changes the speed). `start_batch` skips
+  the first batches: resuming from a step when no saved iterator state fits (e.g. after the
+  process count changed). `iter(...)` gives an iterator with `get_state()`/`set_state()` for
+  checkpointing.
   """
   local_bs = _local_batch_size(global_batch_size, process_index, process_count)
   source = open_split(path, split)
-  ds = grain.MapDataset.source(source).seed(seed)
+  stream = grain.MapDataset.source(source).seed(seed)
   if shuffle:
-    ds = ds.shuffle()
-  # Views are drawn before the per-process slice, so element k of the global stream is the same
-  # record and view for any process count: global batch s is elements [s*GB, (s+1)*GB).
-  ds = ds.repeat(None).random_map(_PickView(source.metadata.num_views))
-  ds = ds[process_index::process_count].batch(local_bs, drop_remainder=True)[start_batch:]
+    stream = stream.shuffle()
+  stream = stream.repeat(None).random_map(_PickView(source.metadata.num_views))
+  ds = grain.MapDataset.range(start_batch * local_bs, len(stream))
+  ds = ds.map(_GlobalRow(stream, global_batch_size, local_bs, process_index))
   # Batching before `to_iter_dataset` keeps batches identical for any num_workers; the read
   # options then count batches, and grain's default (500 ahead) would hold far too many.
-  ds = ds.to_iter_dataset(_READ_OPTIONS)
+  ds = ds.batch(local_bs, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
   if num_workers > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return ds
+
+
+class _GlobalRow(grain.transforms.Map):
+  """Local element j of process p -> stream element (j // b) * GB + p * b + j % b."""
+
+  def __init__(self, stream: grain.MapDataset, global_batch_size: int, local_batch_size: int,
+               process_index: int):
+    self.stream, self.gb, self.b, self.p = stream, global_batch_size, local_batch_size, process_index
+
+  def map(self, j):
+    j = int(j)
+    return self.stream[(j // self.b) * self.gb + self.p * self.b + j % self.b]
 
 
 class _EvalLookup(grain.transforms.Map):

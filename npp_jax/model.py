@@ -95,6 +95,11 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises a ValueError naming the offending field."""
+    for name in ("dim", "n_head", "multiple_of"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1.")
+    if self.n_kv_head is not None and not 1 <= self.n_kv_head <= self.n_head:
+      raise ValueError(f"model.n_kv_head={self.n_kv_head} must be None or in [1, model.n_head].")
     if self.dim % self.n_head:
       raise ValueError(f"model.dim={self.dim} is not divisible by model.n_head={self.n_head}.")
     if self.head_dim % 2:

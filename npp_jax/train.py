@@ -120,6 +120,11 @@ class StepFns:
       return self.compiled[patch_size](state, batch)
 
 
+def host(tree: Any) -> Any:
+  """Numpy values of replicated (possibly multi-process) arrays, from this process's first shard."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
 def _make_writer(workdir: epath.Path):
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=True)
@@ -153,7 +158,7 @@ def evaluate(config, path, graphdef, params, mesh) -> float | None:
     for i, batch in enumerate(ds):
       if 0 <= config.eval_batches <= i:
         break
-      out = jax.device_get(step(params, data.global_batch(batch, shardings)))
+      out = host(step(params, data.global_batch(batch, shardings)))
       total, count = total + float(out["ce_sum"]), count + float(out["count"])
   return total / max(count, 1.0)
 
@@ -218,24 +223,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                [(s.patch_size, s.start, s.end) for s in schedule.segments], cost)
 
   graphdef, state = create_state(config, mesh, tx)
-  ds = data.make_train_dataset(
-      path, split=config.data.train_split, global_batch_size=config.global_batch_size,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+  train_data = functools.partial(
+      data.make_train_dataset, path, split=config.data.train_split,
+      global_batch_size=config.global_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.num_workers)
-  data_iter = iter(ds)
+  data_iter = iter(train_data())
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.ckpt.keep)
   state, how = _restore_or_init(config, ckpt, state, data_iter)
-  start = int(jax.device_get(state["step"]))
+  start = int(host(state["step"]))
   if ckpt.latest_step() is not None and ckpt.saved_process_count(start) != jax.process_count():
-    data_iter = iter(data.make_train_dataset(
-        path, split=config.data.train_split, global_batch_size=config.global_batch_size,
-        seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=config.data.num_workers))
+    # Saved by another process count: its iterator states do not apply; the data position is a
+    # function of the step (see data.make_train_dataset).
+    data_iter = iter(train_data(start_batch=start))
   logging.info("Step %d: %s.", start, how)
 
   writer = _make_writer(workdir)
   if start == 0:
-    parameter_overview.log_parameter_overview(nnx.to_pure_dict(state["params"]))
+    parameter_overview.log_parameter_overview(  # shapes and shardings; no host fetch of values.
+        nnx.to_pure_dict(state["params"]), include_stats="sharding", jax_logging_process=0)
     writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
   total = schedule.total_steps
   end = total if max_steps is None else min(total, start + max_steps)
@@ -248,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   history: dict[int, float] = {}  # step -> loss of every step whose metrics were fetched.
 
   def check(step, metrics):
-    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    m = {k: float(v) for k, v in host(metrics).items()}
     if not np.isfinite(m["loss"]):
       raise NonFiniteLossError(f"non-finite loss {m['loss']} at step {step}; stopping. The last "
                                f"good checkpoint ({ckpt.latest_step()}) is kept.")
@@ -286,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
         writer.write_scalars(done, {"eval_loss": evaluate(config, path, graphdef, state["params"], mesh)})
     eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
-    final = int(jax.device_get(state["step"]))
+    final = int(host(state["step"]))
     if eval_loss is not None:
       writer.write_scalars(final, {"eval_loss": eval_loss})
   finally:
