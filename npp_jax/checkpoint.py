@@ -85,8 +85,14 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
   def reached_preemption(self, step: int) -> bool:
-    """True on every process once any process received a preemption notice (e.g. SIGTERM)."""
-    return self._mngr.reached_preemption(step)
+    """True on every process once any process received a preemption notice (SIGTERM).
+
+    Multi-process runs use JAX's preemption sync service (every process agrees on the step);
+    a single process, which has no such service, uses its own SIGTERM flag.
+    """
+    if jax.process_count() > 1:
+      return self._mngr.reached_preemption(step)
+    return _SIGTERM.received
 
   def restore(self, step: int, target_state: Any, data_iterator: Any | None) -> Any:
     """Restores `step` into the shapes and shardings of `target_state` (arrays or abstract).
@@ -155,3 +161,29 @@ def load_params(path: epath.PathLike, target_params: Any) -> Any:
 
 def param_bytes(tree: Any) -> int:
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+class _SigtermFlag:
+  """Records SIGTERM (the preemption notice of Cloud TPU VMs and of `kill`) instead of dying."""
+
+  def __init__(self):
+    self.received = False
+
+  def install(self) -> None:
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+
+_SIGTERM = _SigtermFlag()
+
+
+def install_preemption_handler() -> None:
+  """Single-process runs: turn SIGTERM into a save-and-exit at the next step."""
+  if jax.process_count() == 1:
+    _SIGTERM.install()

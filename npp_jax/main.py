@@ -51,7 +51,9 @@ def main(argv):
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _on_tpu_pod():
     jax.distributed.initialize()
-  from npp_jax import train  # noqa: E402  (imports jax-dependent modules after initialisation)
+  from npp_jax import checkpoint, train  # noqa: E402  (jax-dependent modules after initialisation)
+
+  checkpoint.install_preemption_handler()  # SIGTERM: save at the next step, then exit cleanly.
 
   logging.info("JAX process %d of %d; %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
