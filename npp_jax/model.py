@@ -293,11 +293,14 @@ class Transformer(nnx.Module):
     return patching.rope_table(cfg.head_dim, cfg.grid_size, patch_size=patch_size,
                                base=cfg.rope_base, placement=cfg.rope_placement)
 
+  def normed(self, x_BxLxD: jax.Array) -> jax.Array:
+    """The final RMSNorm, in the compute dtype: the output layer's input."""
+    return rms_norm(x_BxLxD, self.norm.scale[...], self.cfg.norm_eps).astype(DTYPES[self.cfg.dtype])
+
   def logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    """Final norm and output projection; float32 logits_BxLxV."""
-    dtype = DTYPES[self.cfg.dtype]
-    h = rms_norm(x_BxLxD, self.norm.scale[...], self.cfg.norm_eps).astype(dtype)
-    return jnp.einsum("bld,dv->blv", h, self.output[...].astype(dtype),
+    """Final norm and output projection of the residual stream; float32 logits_BxLxV."""
+    h = self.normed(x_BxLxD)
+    return jnp.einsum("bld,dv->blv", h, self.output[...].astype(h.dtype),
                       preferred_element_type=jnp.float32)
 
   def class_embedding(self, labels_B: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -322,6 +325,12 @@ class Transformer(nnx.Module):
       float32 logits_BxPxV, P = N / p^2: position i predicts the p*p tokens of patch i. The
       input sequence is [class] + patch_embeddings[:-1].
     """
+    return self.logits(self.hidden(codes_BxN, labels_B, patch_size=patch_size,
+                                   deterministic=deterministic, rng=rng))
+
+  def hidden(self, codes_BxN: jax.Array, labels_B: jax.Array, *, patch_size: int = 1,
+             deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+    """The residual stream after the last block, float32 x_BxPxD (arguments as __call__)."""
     cfg = self.cfg
     if not deterministic and rng is None:
       raise ValueError("Transformer: rng is required when deterministic=False.")
@@ -338,4 +347,4 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
     keys = None if k_layers is None else jax.random.split(k_layers, cfg.n_layer)
     x, _ = jax.lax.scan(body, x, (layer_params(self.layers), keys), unroll=scan_unroll(cfg))
-    return self.logits(x)
+    return x

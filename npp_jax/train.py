@@ -41,9 +41,11 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, patch_size: 
             rng: jax.Array | None) -> jax.Array:
   """NPP loss of one batch: mean CE of every patch position against its p*p target tokens."""
   model = nnx.merge(graphdef, params)
-  logits = model(batch["codes"], batch["labels"], patch_size=patch_size,
-                 deterministic=rng is None, rng=rng)
-  return patching.patch_loss(logits, patching.group_targets(batch["codes"], patch_size))
+  x = model.hidden(batch["codes"], batch["labels"], patch_size=patch_size,
+                   deterministic=rng is None, rng=rng)
+  h = model.normed(x)
+  return patching.output_patch_loss(h, model.output[...].astype(h.dtype),
+                                    patching.group_targets(batch["codes"], patch_size))
 
 
 def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
@@ -298,7 +300,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     ckpt.close()
     writer.flush()
+  baseline = None
+  if config.data.builtin == "digits" and config.data.eval_split:
+    from npp_jax import digits
+    baseline = digits.unigram_entropy(path, config.data.eval_split)
   summary = {"step": final, "train_loss": last.get("loss"), "eval_loss": eval_loss,
+             "unigram_loss": baseline,
              "training_cost": cost, "compiled_patch_sizes": sorted(step_fns.compiled),
              "workdir": str(workdir)}
   logging.info("Done: %s", json.dumps(summary))

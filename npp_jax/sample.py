@@ -1,0 +1,520 @@
+"""Sampling: KV-cache decoding with classifier-free guidance, top-k/top-p, images and grids.
+
+Owns: `generate` (token-by-token decoding of the final 1x1 model with a static-shape KV cache in
+one compiled loop), `generate_full_recompute` (the same sampling without a cache, the reference
+for tests and benchmarks), `make_sampler` (jitted and sharded over a mesh), the decoders from
+codes to uint8 images (VQ-16, the digits palette, a raw token palette), and `class_grid` /
+`sample_grid`. Loading weights (`sample_cli.load_model`) and the CLI that writes the ADM `.npz`
+live in `npp_jax/sample_cli.py` (`python -m npp_jax.sample` runs it).
+
+Sampling follows LlamaGen's `generate` (facts section 4) except where noted:
+  * CFG rows: each label b gets a conditional row and a null-class row, interleaved (row 2b, 2b+1)
+    so that a pair never straddles two batch shards; both rows are fed the same sampled token.
+    `logits = uncond + (cond - uncond) * cfg_scale` on raw logits. The reference ignores CFG for
+    cfg_scale <= 1; here every cfg_scale != 1 applies the formula (1 skips the null rows).
+  * Randomness is a function of the global sample index: row b uses fold_in(rng, offset + b) and
+    step t fold_in(row_key, t), so samples do not depend on the batch size or device count.
+  * top-p keeps every token tied with the last kept one (HF v3 keeps an arbitrary subset of ties).
+
+Shape legend: B images, R = 2B (CFG) or B rows, N tokens per image, L cache length, D width,
+H heads, J kv heads, E head_dim, V vocabulary, NL layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.experimental import multihost_utils
+from PIL import Image, ImageDraw, ImageFont
+
+from npp_jax import digits, sharding, vq
+from npp_jax import model as model_lib
+
+NO_DROPOUT = dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+  """How tokens are drawn (static: one compiled sampler per set of options)."""
+  cfg_scale: float = 1.0  # guidance on raw logits; 1 = no null-class rows at all.
+  cfg_interval: int = -1  # > -1: decode steps i > cfg_interval (token i + 1) use cond logits only.
+  temperature: float = 1.0  # logits / max(temperature, 1e-5): 0 is greedy.
+  top_k: int = 0  # keep logits >= the k-th largest; 0 = off.
+  top_p: float = 1.0  # nucleus (HF v3 semantics) in (0, 1]; 1 = off.
+
+  def validate(self) -> "SamplingOptions":
+    if not math.isfinite(self.cfg_scale):
+      raise ValueError(f"cfg_scale={self.cfg_scale} must be finite.")
+    if int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
+      raise ValueError(f"cfg_interval={self.cfg_interval} must be an integer >= -1.")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature={self.temperature} must be >= 0.")
+    if int(self.top_k) != self.top_k or self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 = off).")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 = off).")
+    return self
+
+  @property
+  def use_cfg(self) -> bool:
+    return self.cfg_scale != 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Token choice.
+# ---------------------------------------------------------------------------------------------
+def filter_logits(logits_BxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """HF v3 `top_k_top_p_filtering`: removed logits become -inf.
+
+  top-k keeps logits >= the k-th largest (ties kept). top-p sorts descending, takes the
+  cumulative softmax, removes tokens whose cumulative probability exceeds top_p, shifted right by
+  one so that the first token crossing the threshold (and the argmax) stays.
+  """
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][..., -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+    # The kept set is a prefix of the sorted order (cum is non-decreasing): its length is 1 plus
+    # the number of earlier positions still within top_p. Cut at that prefix's smallest logit.
+    keep_B1 = 1 + jnp.sum(cum_BxV[..., :-1] <= top_p, axis=-1, keepdims=True)
+    threshold_B1 = jnp.take_along_axis(sorted_BxV, keep_B1 - 1, axis=-1)
+    logits_BxV = jnp.where(logits_BxV < threshold_B1, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def categorical(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+  """One draw per row from softmax(logits) by inverting the CDF with a single uniform per row.
+
+  Two levels (block sums, then one block's cumulative sum) keep it cheap: a Gumbel-max draw
+  needs V random numbers and two logs per row, and a full-length cumsum is slow on CPU. Tokens
+  of probability zero (filtered to -inf) are never drawn.
+  """
+  b, v = logits_BxV.shape
+  size = 1 << math.isqrt(v - 1).bit_length()  # a power of two >= sqrt(V)
+  nb = -(-v // size)
+  logits = jnp.pad(logits_BxV.astype(jnp.float32), ((0, 0), (0, nb * size - v)),
+                   constant_values=-jnp.inf)
+  p_BxNbxS = jnp.exp(logits - logits.max(-1, keepdims=True)).reshape(b, nb, size)
+  cum_BxNb = jnp.cumsum(p_BxNbxS.sum(-1), axis=-1)
+  u_B = jax.vmap(jax.random.uniform)(keys_B)
+  target_B = (1.0 - u_B) * cum_BxNb[:, -1]  # in (0, total]
+  blk_B = jnp.minimum(jnp.sum(cum_BxNb < target_B[:, None], axis=-1), nb - 1)
+  before_B = jnp.where(blk_B > 0, jnp.take_along_axis(
+      cum_BxNb, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
+  p_BxS = jnp.take_along_axis(p_BxNbxS, blk_B[:, None, None], axis=1)[:, 0]
+  within_B = jnp.sum(jnp.cumsum(p_BxS, axis=-1) < (target_B - before_B)[:, None], axis=-1)
+  # Rounding may overshoot the block's last token of non-zero probability: clamp to it.
+  last_B = jnp.max(jnp.where(p_BxS > 0, jnp.arange(size), 0), axis=-1)
+  return (blk_B * size + jnp.minimum(within_B, last_B)).astype(jnp.int32)
+
+
+def draw(logits_BxV: jax.Array, keys_B: jax.Array, opts: SamplingOptions) -> jax.Array:
+  """Tokens_B from raw logits: temperature (clamped at 1e-5), top-k/top-p, then a draw."""
+  logits_BxV = logits_BxV / max(opts.temperature, 1e-5)
+  logits_BxV = filter_logits(logits_BxV, opts.top_k, opts.top_p)
+  return categorical(keys_B, logits_BxV)
+
+
+def _guide(logits_RxV: jax.Array, t: jax.Array | int, opts: SamplingOptions) -> jax.Array:
+  """CFG-combined logits_BxV of step t (t = 0 is the class position)."""
+  if not opts.use_cfg:
+    return logits_RxV
+  pairs = logits_RxV.reshape(-1, 2, logits_RxV.shape[-1])
+  cond, uncond = pairs[:, 0], pairs[:, 1]
+  guided = uncond + (cond - uncond) * opts.cfg_scale
+  if opts.cfg_interval > -1:
+    # The reference's decode step i produces token i + 1 and drops CFG once i > cfg_interval.
+    guided = jnp.where(t - 1 > opts.cfg_interval, cond, guided)
+  return guided
+
+
+def _rows(x_B: jax.Array, opts: SamplingOptions, null_value: int | None = None) -> jax.Array:
+  """Per-image values -> per-row values (cond, null interleaved under CFG)."""
+  if not opts.use_cfg:
+    return x_B
+  other = x_B if null_value is None else jnp.full_like(x_B, null_value)
+  return jnp.stack([x_B, other], axis=1).reshape(-1, *x_B.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode loop, shared by the cached and the full-recompute paths.
+# ---------------------------------------------------------------------------------------------
+def _loop(step_fn, carry, labels_B, rng, sample_offset, opts, n, v, return_logits, phases=None):
+  """Steps t = 0..n-1: `step_fn(t, tokens_R, carry) -> (logits_RxV, carry)` feeds the previous
+  token (ignored at t = 0, the class position's prefill) and returns the logits predicting token
+  t. `phases` [(end, grow)] splits the steps into fori_loops; `grow(carry)` runs before each."""
+  b = labels_B.shape[0]
+  idx_B = jnp.asarray(sample_offset, jnp.int32) + jnp.arange(b, dtype=jnp.int32)
+  row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, idx_B)
+
+  def body(t, state):
+    codes_BxN, carry, tok_B, buf_BxNxV = state
+    logits_RxV, carry = step_fn(t, _rows(tok_B, opts), carry)
+    logits_BxV = _guide(logits_RxV, t, opts)
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
+    tok_B = draw(logits_BxV, keys_B, opts)
+    codes_BxN = jax.lax.dynamic_update_slice(codes_BxN, tok_B[:, None], (0, t))
+    if return_logits:
+      buf_BxNxV = jax.lax.dynamic_update_slice(buf_BxNxV, logits_BxV[:, None], (0, t, 0))
+    return codes_BxN, carry, tok_B, buf_BxNxV
+
+  codes_BxN = jnp.zeros((b, n), jnp.int32)
+  buf_BxNxV = jnp.zeros((b, n, v), jnp.float32) if return_logits else None
+  state, start = (codes_BxN, carry, jnp.zeros((b,), jnp.int32), buf_BxNxV), 0
+  for end, grow in phases or [(n, lambda c: c)]:
+    state = (state[0], grow(state[1]), *state[2:])
+    state, start = jax.lax.fori_loop(start, end, body, state), end
+  return state[0], state[3]
+
+
+def cache_phases(num_tokens: int, phase: int = 64) -> list[tuple[int, int]]:
+  """[(last step + 1, cache length)] of the decode phases.
+
+  Step t attends to positions 0..t, so phase i's cache needs only its end's length (rounded up
+  to a multiple of 8): on average 5/8 of the full cache is read instead of all of it, at the
+  price of one compiled loop per phase. Position N never enters (the last token is not fed).
+  """
+  ends = list(range(phase, num_tokens, phase)) + [num_tokens]
+  return [(end, model_lib.find_multiple(end, 8)) for end in ends]
+
+
+def _attend(q_Rx1xHxE, kt_RxJxExL, v_RxJxLxE, valid_L):
+  """One query position against the cache; GQA head h reads kv head h // (H / J).
+
+  The cache layouts make both products plain batched matmuls over (R, J) (no cache transpose).
+  """
+  r, _, h, e = q_Rx1xHxE.shape
+  j = kt_RxJxExL.shape[1]
+  q = q_Rx1xHxE.reshape(r, j, h // j, e)
+  s = jnp.einsum("rjge,rjel->rjgl", q, kt_RxJxExL, preferred_element_type=jnp.float32)
+  s = jnp.where(valid_L, s / math.sqrt(e), -jnp.inf)
+  w = jax.nn.softmax(s, axis=-1).astype(v_RxJxLxE.dtype)
+  o = jnp.einsum("rjgl,rjle->rjge", w, v_RxJxLxE, preferred_element_type=jnp.float32)
+  return o.reshape(r, 1, h, e).astype(q_Rx1xHxE.dtype)
+
+
+def _cached_step(model, layers, table, x_Rx1xD, pos, cache):
+  """Feeds one position through every layer, writing its k/v into the cache: logits_RxV, cache.
+
+  `layers` holds each layer's params and `cache` each layer's (k_RxJxExL, v_RxJxLxE); k is stored
+  transposed so that neither attention product transposes the cache. The layer loop is unrolled
+  over per-layer arrays sliced once before decoding: a scan would slice every layer's weights
+  and cache out of the stacked arrays at every step, and on CPU those slices are copies (they
+  tripled the step time of a 4-layer model).
+  """
+  cfg = model.cfg
+  dtype = model_lib.DTYPES[cfg.dtype]
+  row = jax.lax.dynamic_slice_in_dim(table, pos, 1, axis=0)
+  valid_L = jnp.arange(cache[0][1].shape[2]) <= pos
+  x, new_cache = x_Rx1xD, []
+  for p, (k_cache, v_cache) in zip(layers, cache):
+    h = model_lib.rms_norm(x, p["attention_norm"], cfg.norm_eps)
+    q, k_Rx1xJxE, v_Rx1xJxE = model_lib.qkv_projection(p, h, row, dtype)
+    kt = k_Rx1xJxE.transpose(0, 2, 3, 1).astype(k_cache.dtype)  # RxJxEx1
+    vt = v_Rx1xJxE.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # RxJx1xE
+    k_cache = jax.lax.dynamic_update_slice(k_cache, kt, (0, 0, 0, pos))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, vt, (0, 0, pos, 0))
+    x = model_lib.block_tail(p, cfg, x, _attend(q, k_cache, v_cache, valid_L), (None, None))
+    new_cache.append((k_cache, v_cache))
+  return model.logits(x)[:, 0], tuple(new_cache)
+
+
+def _generate_cached(model, labels_B, rng, sample_offset, opts, return_logits):
+  cfg = model.cfg
+  labels_R = _rows(labels_B, opts, cfg.num_classes)
+  r, n = labels_R.shape[0], cfg.num_tokens
+  dtype = model_lib.DTYPES[cfg.dtype]
+  axes = ("act_batch", "act_heads", None, None)
+
+  def grow(length):
+    """Zero-pads every layer's cache (or creates it) to `length` positions."""
+    def pad(a, axis):
+      widths = [(0, 0)] * 4
+      widths[axis] = (0, length - a.shape[axis])
+      return sharding.constrain(jnp.pad(a, widths), axes)
+    return lambda cache: tuple((pad(k, 3), pad(v, 2)) for k, v in cache)
+
+  # Each layer's weights, sliced (and cast to the compute dtype) once, outside the decode loop.
+  stacked = model_lib.layer_params(model.layers)
+  layers = [{k: a[i] if a.ndim == 2 else a[i].astype(dtype) for k, a in stacked.items()}
+            for i in range(cfg.n_layer)]
+  table = jnp.asarray(model.rope(1))
+  cls_Rx1xD = model.class_embedding(labels_R)[:, None]
+
+  def step(t, tok_R, cache):
+    tok_Rx1xD = model.tok_embeddings(tok_R).astype(jnp.float32)[:, None]
+    x_Rx1xD = jnp.where(t == 0, cls_Rx1xD, tok_Rx1xD)  # t = 0: prefill the class position.
+    return _cached_step(model, layers, table, x_Rx1xD, t, cache)
+
+  empty = ((jnp.zeros((r, cfg.kv_heads, cfg.head_dim, 0), dtype),
+            jnp.zeros((r, cfg.kv_heads, 0, cfg.head_dim), dtype)),) * cfg.n_layer
+  phases = [(end, grow(length)) for end, length in cache_phases(n)]
+  return _loop(step, empty, labels_B, rng, sample_offset, opts, n, cfg.vocab_size, return_logits,
+               phases)
+
+
+def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits):
+  labels_R = _rows(labels_B, opts, model.cfg.num_classes)
+
+  def step(t, tok_R, codes_RxN):
+    # Token t-1 joins the input (at t = 0 a zero lands in slot 0, which step 1 overwrites).
+    codes_RxN = jax.lax.dynamic_update_slice(codes_RxN, tok_R[:, None], (0, jnp.maximum(t - 1, 0)))
+    logits_RxNxV = model(codes_RxN, labels_R)
+    return jax.lax.dynamic_index_in_dim(logits_RxNxV, t, axis=1, keepdims=False), codes_RxN
+
+  codes_RxN = jnp.zeros((labels_R.shape[0], model.cfg.num_tokens), jnp.int32)
+  return _loop(step, codes_RxN, labels_B, rng, sample_offset, opts, model.cfg.num_tokens,
+               model.cfg.vocab_size, return_logits)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "return_logits", "recompute"))
+def _generate_jit(graphdef, state, labels_B, rng, sample_offset, *, opts, return_logits, recompute):
+  model = nnx.merge(graphdef, state)
+  fn = _generate_recompute if recompute else _generate_cached
+  codes_BxN, logits_BxNxV = fn(model, labels_B, rng, sample_offset, opts, return_logits)
+  codes_BxN = sharding.constrain(codes_BxN, ("act_batch", None))
+  return (codes_BxN, logits_BxNxV) if return_logits else codes_BxN
+
+
+def _check_labels(labels_B: Any, num_classes: int) -> None:
+  if isinstance(labels_B, jax.Array) and not labels_B.is_fully_addressable:
+    return  # values live on other processes; each process checked its own before assembling.
+  labels = np.asarray(labels_B)
+  if labels.ndim != 1 or labels.size == 0:
+    raise ValueError(f"labels_B must be a non-empty 1-D array, got shape {labels.shape}.")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels_B must be integers, got dtype {labels.dtype}.")
+  if labels.min() < 0 or labels.max() > num_classes:
+    raise ValueError(f"labels_B must lie in [0, {num_classes}] ({num_classes} = the null class), "
+                     f"got [{labels.min()}, {labels.max()}].")
+
+
+def _run(model, labels_B, rng, sample_offset, opts, *, recompute, return_logits):
+  _check_labels(labels_B, model.cfg.num_classes)
+  graphdef, state = nnx.split(model)
+  return _generate_jit(graphdef, state, jnp.asarray(labels_B, jnp.int32), rng,
+                       jnp.asarray(sample_offset, jnp.int32), opts=opts.validate(),
+                       return_logits=return_logits, recompute=recompute)
+
+
+def generate(model: model_lib.Transformer, labels_B: Any, rng: jax.Array, *, cfg_scale: float,
+             cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             sample_offset: int = 0, return_logits: bool = False):
+  """Samples tokens with a KV cache, jitted (one compile per options and batch size).
+
+  Args:
+    model: the transformer; decoding uses patch size 1 (the full 16x16 token grid).
+    labels_B: int class ids in [0, num_classes]; num_classes is the null class.
+    rng: a jax.random key; row b draws from fold_in(rng, sample_offset + b).
+    cfg_scale, cfg_interval, temperature, top_k, top_p: see `SamplingOptions`.
+    sample_offset: global index of row 0 (chunked or multi-batch runs).
+    return_logits: also return every step's CFG-combined raw logits, float32 [B, N, V].
+
+  Returns:
+    codes_BxN int32 (and logits_BxNxV when return_logits).
+  """
+  opts = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
+  return _run(model, labels_B, rng, sample_offset, opts, recompute=False,
+              return_logits=return_logits)
+
+
+def generate_full_recompute(model: model_lib.Transformer, labels_B: Any, rng: jax.Array, *,
+                            cfg_scale: float, cfg_interval: int = -1, temperature: float = 1.0,
+                            top_k: int = 0, top_p: float = 1.0, sample_offset: int = 0,
+                            return_logits: bool = False):
+  """`generate` without a cache: the full forward pass at every step (reference, O(N^2))."""
+  opts = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
+  return _run(model, labels_B, rng, sample_offset, opts, recompute=True,
+              return_logits=return_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded sampling.
+# ---------------------------------------------------------------------------------------------
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def to_global(mesh: jax.sharding.Mesh, x_B: np.ndarray, *, process_local: bool = False):
+  """A global array of batch-major values (labels, codes), sharded over ('data', 'fsdp').
+
+  With process_local=False every process passes the same global values; with True each process
+  passes its own slice (jax.make_array_from_process_local_data).
+  """
+  x_B = np.asarray(x_B)
+  sh = sharding.batch_sharding(mesh)
+  if process_local:
+    return jax.make_array_from_process_local_data(sh, x_B)
+  return jax.make_array_from_callback(x_B.shape, sh, lambda idx: x_B[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The full value of a (possibly multi-process) array on every process."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
+                 return_logits: bool = False, **sampling_kwargs: Any) -> Callable:
+  """A jitted `(labels_B, rng, sample_offset=0) -> codes_BxN` on `mesh`.
+
+  Params are placed by their logical axis names (the training shardings of this mesh); rows are
+  sharded over ('data', 'fsdp'). For sampling alone, a mesh with every device on 'data' keeps
+  the params replicated and avoids gathering them at every step. labels_B is a global array or
+  numpy labels that every process passes in full (see `global_labels` for per-process slices);
+  its size must divide by the data x fsdp devices. Compiled once per batch size.
+  """
+  opts = SamplingOptions(**sampling_kwargs).validate()
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, sharding.state_shardings(state, mesh))
+  shards = batch_shards(mesh)
+
+  def sample(labels_B, rng, sample_offset=0):
+    if not isinstance(labels_B, jax.Array):
+      labels_B = np.asarray(labels_B)
+    _check_labels(labels_B, model.cfg.num_classes)
+    if labels_B.shape[0] % shards:
+      raise ValueError(f"batch size {labels_B.shape[0]} is not divisible by the {shards} "
+                       f"data x fsdp devices of the mesh.")
+    if not isinstance(labels_B, jax.Array) or labels_B.sharding != sharding.batch_sharding(mesh):
+      labels_B = to_global(mesh, to_host(labels_B).astype(np.int32))
+    with sharding.use_mesh(mesh):
+      return _generate_jit(graphdef, state, labels_B, rng, jnp.asarray(sample_offset, jnp.int32),
+                           opts=opts, return_logits=return_logits, recompute=False)
+
+  return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoders: codes_BxN -> uint8 images_BxHxWx3 (numpy, on every process).
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+  name: str  # "vq" | "digits" | "tokens"
+  fn: Callable[[Any], np.ndarray]
+
+  def __call__(self, codes_BxN: Any) -> np.ndarray:
+    return self.fn(codes_BxN)
+
+
+def _token_palette(codes_BxN: Any, vocab_size: int) -> np.ndarray:
+  """Each token id as a fixed colour, one pixel per token (models without a VQ decoder)."""
+  codes = to_host(codes_BxN)
+  palette = np.random.default_rng(0).integers(0, 256, (vocab_size, 3), dtype=np.uint8)
+  g = math.isqrt(codes.shape[1])
+  return palette[codes].reshape(codes.shape[0], g, g, 3)
+
+
+def load_vq(path: str) -> vq.VQModel:
+  """A VQ tokenizer from a `.npz` of the reference's state dict (LlamaGen key names)."""
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"no VQ checkpoint at {path} (config.sample.vq_checkpoint).")
+  if p.suffix != ".npz":
+    raise ValueError(f"VQ checkpoint {path} must be a .npz of the reference's state dict.")
+  with p.open("rb") as f, np.load(f) as z:
+    return vq.load_vq_state_dict({k: z[k] for k in z.files})
+
+
+def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None = None,
+                 *, vq_checkpoint: str = "", builtin: str = "") -> Decoder:
+  """The decoder of `kind`: "vq", "digits", "tokens", or "auto" (digits for the digits demo,
+  else VQ, which then needs `vq_checkpoint`)."""
+  if kind == "auto":
+    is_digits = builtin == "digits" or model_cfg.vocab_size == digits.DIGITS_VOCAB_SIZE
+    kind = "digits" if is_digits else "vq"
+  if kind == "digits":
+    return Decoder("digits", lambda c: digits.palette_decode(to_host(c)))
+  if kind == "tokens":
+    return Decoder("tokens", lambda c: _token_palette(c, model_cfg.vocab_size))
+  if kind != "vq":
+    raise ValueError(f"decoder={kind!r} must be one of auto, vq, digits, tokens.")
+  if not vq_checkpoint:
+    raise ValueError("config.sample.vq_checkpoint is empty: a VQ decoder needs converted VQ-16 "
+                     "weights (or pick decoder 'tokens' to see raw codes).")
+  if mesh is None:
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  decode = vq.make_decode_fn(load_vq(vq_checkpoint), mesh)
+  shards = batch_shards(mesh)
+
+  def fn(codes_BxN):
+    codes = to_host(codes_BxN)
+    pad = -len(codes) % shards
+    codes = np.concatenate([codes, np.repeat(codes[-1:], pad, axis=0)])
+    images = to_host(vq.to_uint8(decode(to_global(mesh, codes))))
+    return images[: len(images) - pad]
+
+  return Decoder("vq", fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids.
+# ---------------------------------------------------------------------------------------------
+def class_grid(images_BxHxWx3: np.ndarray, labels: Sequence[Any], ncols: int, *,
+               min_tile: int = 64) -> np.ndarray:
+  """A labelled grid: tiles (nearest-upscaled to >= min_tile px) under a strip with the label.
+
+  Returns a uint8 [rows*(tile+strip+pad)+pad, ncols*(tile+pad)+pad, 3] image.
+  """
+  images = np.asarray(images_BxHxWx3)
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 BxHxWx3, got {images.dtype} {images.shape}.")
+  if len(labels) != len(images):
+    raise ValueError(f"{len(labels)} labels for {len(images)} images.")
+  if ncols < 1:
+    raise ValueError(f"ncols={ncols} must be >= 1.")
+  b, h, w, _ = images.shape
+  scale = max(1, -(-min_tile // min(h, w)))
+  th, tw, strip, pad = h * scale, w * scale, 14, 4
+  nrows = -(-b // ncols)
+  canvas = Image.new("RGB", (ncols * (tw + pad) + pad, nrows * (th + strip + pad) + pad), "white")
+  draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+  for i, (img, label) in enumerate(zip(images, labels)):
+    r, c = divmod(i, ncols)
+    x, y = pad + c * (tw + pad), pad + r * (th + strip + pad)
+    draw.text((x + 1, y), str(label), fill="black", font=font)
+    canvas.paste(Image.fromarray(img).resize((tw, th), Image.NEAREST), (x, y + strip))
+  return np.asarray(canvas)
+
+
+def sample_grid(model: model_lib.Transformer, mesh: jax.sharding.Mesh, classes: Sequence[int],
+                rng: jax.Array, *, decoder: Decoder, per_class: int = 1, ncols: int | None = None,
+                **sampling_kwargs: Any) -> np.ndarray:
+  """Samples `per_class` images of each class and returns their labelled uint8 grid
+  (one row per class when per_class > 1)."""
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  n = len(labels)
+  padded = np.concatenate([labels, np.repeat(labels[-1:], -n % batch_shards(mesh))])
+  codes = to_host(make_sampler(model, mesh, **sampling_kwargs)(padded, rng))[:n]
+  ncols = ncols or (per_class if per_class > 1 else n)
+  return class_grid(decoder(codes), labels, ncols)
+
+
+def options_from_config(config: ml_collections.ConfigDict, **overrides: Any) -> dict:
+  """Sampling kwargs from `config.sample`, with non-None overrides."""
+  s = config.sample
+  opts = dict(cfg_scale=s.cfg_scale, cfg_interval=s.cfg_interval, temperature=s.temperature,
+              top_k=s.top_k, top_p=s.top_p)
+  opts.update({k: v for k, v in overrides.items() if v is not None})
+  SamplingOptions(**opts).validate()
+  return opts
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  from npp_jax import sample_cli
+
+  sample_cli.define_flags()
+  app.run(sample_cli.main)
