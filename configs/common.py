@@ -73,7 +73,7 @@ def get_config(arg=None):
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
   c.eval_batches = 50  # eval batches per evaluation (-1 = the whole split).
-  c.sample_every_steps = 0  # 0 = never: class grid to TensorBoard every N steps.
+  c.sample_every_steps = 0  # > 0: a CFG class grid (sample.grid_classes) to TensorBoard every N.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.cfg_scale = 2.0

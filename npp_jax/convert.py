@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint
@@ -392,3 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   sys.exit(main())
+
+
+def load_vq_checkpoint(path: str) -> "vq.VQModel":
+  """The tokenizer from a converted params dir (`python -m npp_jax.convert --kind vq`; local or
+  gs://) or a LlamaGen weight file (.pt/.pth/.bin/.ckpt, or a state-dict .npz/.safetensors)."""
+  if not path:
+    raise ValueError("no VQ checkpoint given (a converted VQ dir, or a .pt/.npz file).")
+  p = epath.Path(path)
+  if not p.exists():
+    raise FileNotFoundError(f"no VQ checkpoint at {path}.")
+  return load_converted_vq(path) if p.is_dir() else load_vq(path)

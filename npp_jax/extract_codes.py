@@ -194,16 +194,11 @@ def open_sources(config: ml_collections.ConfigDict) -> dict[str, ImageSource]:
 # ----------------------------------------------------------------------------- VQ checkpoint
 
 def load_vq_model(path: str) -> vq.VQModel:
-  """The tokenizer from a converted params dir (`python -m npp_jax.convert vq ...`; local or
-  gs://) or a LlamaGen weight file (.pt/.pth/.bin/.ckpt, or a state-dict .npz/.safetensors;
-  local), strictly checked by npp_jax.convert."""
+  """The tokenizer of config.vq_checkpoint (see convert.load_vq_checkpoint)."""
   from npp_jax import convert  # At run time: convert is the heavier module and changes apart.
   if not path:
     raise ValueError("config.vq_checkpoint is empty (a converted VQ dir, or a .pt/.npz file)")
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"VQ checkpoint {path} does not exist")
-  return convert.load_converted_vq(path) if p.is_dir() else convert.load_vq(path)
+  return convert.load_vq_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- plan and units

@@ -65,6 +65,9 @@ def main(argv):
     if summary.get("unigram_loss") is not None and summary["eval_loss"] is not None:
       print(f"  validation loss {summary['eval_loss']:.3f} nats/token vs {summary['unigram_loss']:.3f} "
             f"for the unigram baseline ({summary['unigram_loss'] - summary['eval_loss']:.3f} lower)")
+    if summary.get("sample_accuracy") is not None:
+      print(f"  CFG samples (10 per class): a digit classifier agrees with the class on "
+            f"{summary['sample_accuracy']:.0%}; grid: {summary['samples_png']}")
     print(f"  training cost relative to next-token prediction: {summary['training_cost']:.3f}\n"
           f"  checkpoints: {summary['workdir']}/checkpoints\n"
           f"  TensorBoard: tensorboard --logdir {summary['workdir']}")

@@ -269,8 +269,9 @@ def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits
   def step(t, tok_R, codes_RxN):
     # Token t-1 joins the input (at t = 0 a zero lands in slot 0, which step 1 overwrites).
     codes_RxN = jax.lax.dynamic_update_slice(codes_RxN, tok_R[:, None], (0, jnp.maximum(t - 1, 0)))
-    logits_RxNxV = model(codes_RxN, labels_R)
-    return jax.lax.dynamic_index_in_dim(logits_RxNxV, t, axis=1, keepdims=False), codes_RxN
+    x_RxNxD = model.hidden(codes_RxN, labels_R)  # the whole prefix, recomputed every step.
+    x_Rx1xD = jax.lax.dynamic_slice_in_dim(x_RxNxD, t, 1, axis=1)
+    return model.logits(x_Rx1xD)[:, 0], codes_RxN
 
   codes_RxN = jnp.zeros((labels_R.shape[0], model.cfg.num_tokens), jnp.int32)
   return _loop(step, codes_RxN, labels_B, rng, sample_offset, opts, model.cfg.num_tokens,
@@ -417,14 +418,11 @@ def _token_palette(codes_BxN: Any, vocab_size: int) -> np.ndarray:
 
 
 def load_vq(path: str) -> vq.VQModel:
-  """A VQ tokenizer from a `.npz` of the reference's state dict (LlamaGen key names)."""
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"no VQ checkpoint at {path} (config.sample.vq_checkpoint).")
-  if p.suffix != ".npz":
-    raise ValueError(f"VQ checkpoint {path} must be a .npz of the reference's state dict.")
-  with p.open("rb") as f, np.load(f) as z:
-    return vq.load_vq_state_dict({k: z[k] for k in z.files})
+  """The tokenizer of config.sample.vq_checkpoint: a converted dir or a LlamaGen weight file."""
+  from npp_jax import convert
+  if not path:
+    raise ValueError("config.sample.vq_checkpoint is empty.")
+  return convert.load_vq_checkpoint(path)
 
 
 def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None = None,

@@ -165,6 +165,36 @@ def evaluate(config, path, graphdef, params, mesh) -> float | None:
   return total / max(count, 1.0)
 
 
+def sample_images(config, graphdef, params, mesh, step: int, per_class: int = 1):
+  """A labelled grid of `per_class` CFG samples of each of config.sample.grid_classes, plus the
+  decoded images and their labels (decoded with the VQ of config.sample.vq_checkpoint, or the
+  digits palette)."""
+  from npp_jax import sample
+  model = nnx.merge(graphdef, params)
+  decoder = sample.make_decoder("auto", model.cfg, mesh, vq_checkpoint=config.sample.vq_checkpoint,
+                                builtin=config.data.builtin)
+  labels = np.repeat(np.asarray(config.sample.grid_classes, np.int32), per_class)
+  pad = -len(labels) % sample.batch_shards(mesh)
+  sampler = sample.make_sampler(model, mesh, **sample.options_from_config(config))
+  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+  codes = sample.to_host(sampler(np.concatenate([labels, labels[:pad]]), rng))[: len(labels)]
+  images = decoder(codes)
+  grid = sample.class_grid(images, labels, ncols=per_class if per_class > 1 else len(labels))
+  return grid, images, labels
+
+
+def _digits_report(config, graphdef, params, mesh, step: int, workdir: epath.Path) -> dict:
+  """The CPU demo's sample check: a PNG grid and how often a digit classifier agrees."""
+  from PIL import Image
+  from npp_jax import digits
+  grid, images, labels = sample_images(config, graphdef, params, mesh, step, per_class=10)
+  accuracy = float(np.mean(digits.fit_digits_classifier()(images) == labels))
+  if jax.process_index() == 0:
+    with (workdir / "samples.png").open("wb") as f:
+      Image.fromarray(grid).save(f, format="PNG")
+  return {"sample_accuracy": accuracy, "samples_png": str(workdir / "samples.png"), "grid": grid}
+
+
 def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_iter) -> tuple[State, str]:
   """Resume from the workdir, else initialise from config.ckpt.init_from, else scratch."""
   latest = ckpt.latest_step()
@@ -291,6 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning("Preemption notice at step %d: saved, exiting.", done)
         ckpt.wait()
         break
+      if config.sample_every_steps and done % config.sample_every_steps == 0 and done < end:
+        writer.write_images(done, {"samples": sample_images(
+            config, graphdef, state["params"], mesh, done)[0][None]})
       if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
         writer.write_scalars(done, {"eval_loss": evaluate(config, path, graphdef, state["params"], mesh)})
     eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
@@ -300,12 +333,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   finally:
     ckpt.close()
     writer.flush()
-  baseline = None
-  if config.data.builtin == "digits" and config.data.eval_split:
+  baseline, report = None, {}
+  if config.data.builtin == "digits":
     from npp_jax import digits
-    baseline = digits.unigram_entropy(path, config.data.eval_split)
+    if config.data.eval_split:
+      baseline = digits.unigram_entropy(path, config.data.eval_split)
+    report = _digits_report(config, graphdef, state["params"], mesh, final, workdir)
+    writer.write_images(final, {"samples": report.pop("grid")[None]})
+  elif config.sample_every_steps:
+    writer.write_images(final, {"samples": sample_images(
+        config, graphdef, state["params"], mesh, final)[0][None]})
+  writer.flush()
   summary = {"step": final, "train_loss": last.get("loss"), "eval_loss": eval_loss,
-             "unigram_loss": baseline,
+             "unigram_loss": baseline, **report,
              "training_cost": cost, "compiled_patch_sizes": sorted(step_fns.compiled),
              "workdir": str(workdir)}
   logging.info("Done: %s", json.dumps(summary))
