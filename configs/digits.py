@@ -22,13 +22,13 @@ def get_config(arg=None):
   c.model.token_dropout = 0.0
   c.model.resid_dropout = 0.1
   c.model.ffn_dropout = 0.1
-  c.npp.epochs = 24
+  c.npp.epochs = 8
   c.npp.num_levels = 1 if arg == "ntp" else 2
   c.data.builtin = "digits"
   c.data.eval_split = "validation"
   c.data.num_workers = 0
-  c.optim.lr = 3e-3  # per 256 -> 3.75e-4 at batch 32.
-  c.optim.end_lr = 3e-4
+  c.optim.lr = 8e-3  # per 256 -> 1e-3 at batch 32.
+  c.optim.end_lr = 8e-4
   c.optim.warmup_epochs = 1.0
   c.ckpt.every_steps = 200
   c.ckpt.keep = 2
