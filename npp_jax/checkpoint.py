@@ -159,6 +159,30 @@ def load_params(path: epath.PathLike, target_params: Any) -> Any:
     return ckptr.restore(path, _abstract(target_params))
 
 
+def restore_params(workdir: epath.PathLike, target: Any, *, use_ema: bool = False) -> Any:
+  """Only `params` (or `ema`) of a training workdir's latest step; the optimizer state is never
+  read. `target` gives the shapes and shardings (arrays or ShapeDtypeStructs)."""
+  workdir = epath.Path(workdir)
+  with ocp.CheckpointManager(workdir / "checkpoints",
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+    step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint step in {workdir / 'checkpoints'}.")
+  key = "ema" if use_ema else "params"
+  path = workdir / "checkpoints" / str(step) / "state"
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = _metadata_tree(ckptr.metadata(path))
+    if key not in tree:
+      raise ValueError(f"checkpoint {path} has no `{key}`" + (
+          " (train with config.optim.ema_decay > 0 for EMA weights)." if use_ema else "."))
+    check_compatible(tree[key], target, what=f"`{key}` of checkpoint {path}")
+    item = {key: _abstract(target)}
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return restored[key]
+
+
 def param_bytes(tree: Any) -> int:
   return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 

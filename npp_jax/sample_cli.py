@@ -104,31 +104,6 @@ def _abstract_state(cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None):
   return graphdef, state
 
 
-def _restore_from_workdir(workdir: epath.Path, target: Any, use_ema: bool) -> Any:
-  """Restores only `params` (or `ema`) of the latest step; the optimizer state is never read."""
-  import orbax.checkpoint as ocp  # checkpoint.py owns orbax; this is the one read it lacks.
-  with ocp.CheckpointManager(workdir / "checkpoints",
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
-    step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint step in {workdir / 'checkpoints'}.")
-  key = "ema" if use_ema else "params"
-  path = workdir / "checkpoints" / str(step) / "state"
-  with ocp.PyTreeCheckpointer() as ckptr:
-    meta = ckptr.metadata(path).item_metadata
-    tree = getattr(meta, "tree", meta)
-    if key not in tree:
-      raise ValueError(f"checkpoint {path} has no `{key}` (train with config.optim.ema_decay > 0 "
-                       f"for EMA weights)." if use_ema else f"checkpoint {path} has no `params`.")
-    ckpt_lib.check_compatible(tree[key], target, what=f"`{key}` of checkpoint {path}")
-    item = {key: target}
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-  logging.info("Restored `%s` of step %d from %s.", key, step, path)
-  return restored[key]
-
-
 def load_model(config: ml_collections.ConfigDict, checkpoint: str, *, use_ema: bool = False,
                mesh: jax.sharding.Mesh | None = None) -> model_lib.Transformer:
   """The model of `config` with the weights of `checkpoint` (deterministic: no dropout).
@@ -140,7 +115,7 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str, *, use_ema: b
   path = epath.Path(checkpoint)
   if (path / "checkpoints").exists():
     graphdef, target = _abstract_state(_model_cfg(config, None), mesh)
-    state = _restore_from_workdir(path, target, use_ema)
+    state = ckpt_lib.restore_params(path, target, use_ema=use_ema)
   elif (path / "params").exists():
     if use_ema:
       raise ValueError(f"use_ema: {checkpoint} is a params-only checkpoint, not a workdir.")
