@@ -31,7 +31,6 @@ _GN_EPS = 1e-6
 _L2_EPS = 1e-12  # F.normalize's default eps.
 # Buffers of the reference that carry no model state for inference.
 _DROPPED_KEYS = ("quantize.codebook_used",)
-_PREFIXES = ("module.", "_orig_mod.")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -393,22 +392,13 @@ def expected_state_dict_shapes(config: VQConfig) -> dict[str, tuple[int, ...]]:
 
 
 def canonical_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-  """Unwraps `{"model": sd}`, strips `module.`/`_orig_mod.` prefixes, drops training buffers."""
+  """Unwraps checkpoint layouts, strips `module.`/`_orig_mod.` prefixes (convert's rules), and
+  drops training buffers."""
   if not isinstance(ckpt, Mapping):
     raise ValueError(f"expected a state dict mapping, got {type(ckpt).__name__}")
-  if "model" in ckpt and isinstance(ckpt["model"], Mapping):
-    ckpt = ckpt["model"]
-  out = {}
-  for key, value in ckpt.items():
-    stripped = True
-    while stripped:
-      stripped = False
-      for p in _PREFIXES:
-        if key.startswith(p):
-          key, stripped = key[len(p):], True
-    if key not in _DROPPED_KEYS:
-      out[key] = value
-  return out
+  from npp_jax import convert  # At call time: convert imports this module.
+  sd = convert.normalize_state_dict(ckpt)
+  return {k: v for k, v in sd.items() if k not in _DROPPED_KEYS}
 
 
 def _shape_of(sd, key):
