@@ -19,9 +19,9 @@ def get_config(arg=None):
   c.model.vocab_size = 16
   c.model.num_classes = 10
   c.model.dtype = "float32"
-  c.model.token_dropout = 0.0
-  c.model.resid_dropout = 0.1
-  c.model.ffn_dropout = 0.1
+  c.model.token_dropout = 0.0  # no dropout: a tiny model on 9 views per image learns faster
+  c.model.resid_dropout = 0.0
+  c.model.ffn_dropout = 0.0
   c.npp.epochs = 8
   c.npp.num_levels = 1 if arg == "ntp" else 2
   c.data.builtin = "digits"
