@@ -1,7 +1,7 @@
 """ADM evaluator metrics (FID, sFID, Inception Score, precision/recall) on Inception features.
 
 Owns a faithful reimplementation of OpenAI's ADM evaluator (guided-diffusion
-`evaluations/evaluator.py`, copied unchanged into LlamaGen and NPP) without `tf.compat.v1`:
+`evaluations/evaluator.py`, copied unchanged into LlamaGen and NPP) with TF2 APIs only:
 
 - features from `classify_image_graph_def.pb`: float32 images in [0, 255] fed at `ExpandDims:0`,
   pool features `pool_3:0` (2048-d), spatial features `mixed_6/conv:0[..., :7]` flattened, and
