@@ -28,6 +28,10 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint's arrays do not match the model or state it is restored into."""
 
 
+class CheckpointReadError(ValueError):
+  """A checkpoint step exists but cannot be read (damaged, truncated, or not written by us)."""
+
+
 def _abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a tree of arrays or ShapeDtypeStructs."""
   return jax.tree.map(
@@ -47,6 +51,7 @@ def check_compatible(saved: Any, target: Any, *, what: str) -> None:
   problems += [f"unexpected {k} {s}" for k, s in have.items() if k not in want]
   problems += [f"shape mismatch for {k}: checkpoint {have[k]}, model {s}"
                for k, s in want.items() if k in have and have[k] != s]
+  problems.sort(key=lambda p: "opt_state/" in p)  # the optimizer's mirror of a key comes last.
   if problems:
     raise CheckpointMismatchError(
         f"{what} does not match the model ({len(problems)} problems; was it written for another "
@@ -61,7 +66,12 @@ def _metadata_tree(meta: Any) -> Any:
 
 
 class Checkpointer:
-  """Train-state + data-iterator checkpoints in `workdir/checkpoints`."""
+  """Train-state + data-iterator checkpoints in `workdir/checkpoints`.
+
+  Opening one removes what saves interrupted by a crash left behind (`<step>.orbax-checkpoint-tmp*`
+  directories locally, step directories without `commit_success.txt` on GCS), so construct it only
+  in the process that writes the checkpoints, not beside a running training.
+  """
 
   def __init__(self, workdir: epath.PathLike, *, keep: int, async_save: bool = True):
     self.directory = epath.Path(workdir) / "checkpoints"
@@ -69,7 +79,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, create=True,
-            enable_async_checkpointing=async_save),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True),
         item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
@@ -100,14 +110,26 @@ class Checkpointer:
     The data iterator is restored in place when given; pass None to restore the state only (e.g.
     when the process count changed and the data position is rebuilt from the step instead).
     """
-    meta = self._mngr.item_metadata(step)
-    saved = _metadata_tree(meta["state"]) if meta is not None and "state" in meta else None
-    if saved is not None:
-      check_compatible(saved, target_state, what=f"checkpoint {self.directory / str(step)}")
-    items = {"state": ocp.args.StandardRestore(_abstract(target_state))}
-    if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    step_dir = self.directory / str(step)
+    _check_json_files(step_dir)
+    try:
+      # The manager's item_metadata() is None for items it has not saved or restored in this
+      # process, so the state's metadata is read directly (no array is read).
+      with ocp.PyTreeCheckpointer() as ckptr:
+        saved = _metadata_tree(ckptr.metadata(step_dir / "state"))
+      if _flat_shapes(saved):  # Empty when e.g. `_sharding` is damaged; the restore decides.
+        check_compatible(saved, target_state, what=f"checkpoint {step_dir}")
+      items = {"state": ocp.args.StandardRestore(_abstract(target_state))}
+      if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      restored = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # orbax/tensorstore/grain raise many types for a damaged step.
+      raise CheckpointReadError(
+          f"checkpoint {step_dir} cannot be read ({type(e).__name__}: {str(e)[:500]}). It is "
+          f"damaged or was not written by npp_jax; move it out of {self.directory} to resume "
+          f"from an earlier step.") from e
     return restored["state"]
 
   def saved_process_count(self, step: int) -> int | None:
@@ -125,6 +147,29 @@ class Checkpointer:
   def close(self) -> None:
     self._mngr.wait_until_finished()
     self._mngr.close()
+
+
+def _check_json_files(step_dir: epath.Path) -> None:
+  """Raises CheckpointReadError naming the first metadata file of a step that is not JSON.
+
+  These are the files a restore parses (orbax's tree and array metadata, grain's iterator
+  states); checking them first names the damaged file instead of failing deep inside orbax.
+  Nothing in a checkpoint is ever unpickled or imported.
+  """
+  files = [step_dir / "state" / "_METADATA"]
+  for sub in ("data", "state/array_metadatas"):
+    if (step_dir / sub).exists():
+      files += [p for p in (step_dir / sub).iterdir()
+                if sub != "data" or p.name.endswith(".json")]
+  for f in files:
+    if not f.exists():
+      continue
+    try:
+      json.loads(f.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise CheckpointReadError(
+          f"checkpoint file {f} is not valid JSON ({e}); the step is damaged or was not written "
+          f"by npp_jax. Move {step_dir} away to resume from an earlier step.") from None
 
 
 def save_params(path: epath.PathLike, params: Any, *, model_config: dict | None = None) -> None:

@@ -6,6 +6,7 @@ checked before data is read or anything compiles, and names the key in its error
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -69,7 +70,12 @@ def schedule(config: ml_collections.ConfigDict, num_records: int) -> patching.Sc
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int) -> None:
   """Checks every key that needs no data; raises a ValueError naming the key."""
-  model_config(config)
+  cfg = model_config(config)
+  if cfg.head_dim % 4:
+    raise ValueError(f"config.model.dim / config.model.n_head = head_dim {cfg.head_dim} must be a "
+                     f"multiple of 4 (2D RoPE rotates head_dim / 4 pairs per grid axis).")
+  if not isinstance(config.seed, int) or config.seed < 0:
+    raise ValueError(f"config.seed={config.seed!r} must be an int >= 0.")
   if config.global_batch_size < 1:
     raise ValueError(f"config.global_batch_size={config.global_batch_size} must be >= 1.")
   try:
@@ -81,8 +87,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     if config.global_batch_size % divisor:
       raise ValueError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                        f"{what} ({divisor}).")
+  _check_parameter_splits(config, cfg, dict(zip(sharding.MESH_AXES, shape)))
   if config.npp.epochs < 1:
     raise ValueError(f"config.npp.epochs={config.npp.epochs} must be >= 1.")
+  if config.npp.fractions and not config.npp.patch_sizes:
+    raise ValueError(f"config.npp.fractions={config.npp.fractions} is set but "
+                     f"config.npp.patch_sizes is not; fractions apply to explicit patch sizes.")
   # The schedule's own checks (levels vs grid, lambda, fractions) with a nominal epoch length.
   nominal = max(config.data.steps_per_epoch, 1000)
   patching.make_schedule(
@@ -92,19 +102,24 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       fractions=config.npp.fractions)
   o = config.optim
   for key in ("lr", "end_lr"):
-    if not o[key] > 0:
-      raise ValueError(f"config.optim.{key}={o[key]} must be > 0.")
+    if not 0 < o[key] < math.inf:
+      raise ValueError(f"config.optim.{key}={o[key]} must be finite and > 0.")
   for key in ("b1", "b2", "ema_decay", "decay_fraction"):
     if not 0.0 <= o[key] < 1.0:
       raise ValueError(f"config.optim.{key}={o[key]} must lie in [0, 1).")
-  if o.weight_decay < 0 or o.grad_clip <= 0 or o.warmup_epochs < 0:
-    raise ValueError("config.optim.weight_decay and config.optim.warmup_epochs must be >= 0 and "
-                     "config.optim.grad_clip > 0.")
-  if config.ckpt.every_steps < 1 or config.ckpt.keep < 1:
-    raise ValueError(f"config.ckpt.every_steps={config.ckpt.every_steps} and "
-                     f"config.ckpt.keep={config.ckpt.keep} must be >= 1.")
+  for key in ("weight_decay", "warmup_epochs"):
+    if not 0 <= o[key] < math.inf:
+      raise ValueError(f"config.optim.{key}={o[key]} must be finite and >= 0.")
+  if not 0 < o.grad_clip < math.inf:
+    raise ValueError(f"config.optim.grad_clip={o.grad_clip} must be finite and > 0.")
+  for key in ("every_steps", "keep"):
+    if config.ckpt[key] < 1:
+      raise ValueError(f"config.ckpt.{key}={config.ckpt[key]} must be >= 1.")
   if config.log_every_steps < 1:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be >= 1.")
+  for key in ("eval_every_steps", "sample_every_steps"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]} must be >= 0 (0 = off).")
   if config.data.builtin not in ("", "digits"):
     raise ValueError(f"config.data.builtin={config.data.builtin!r} must be '' or 'digits'.")
   if not config.data.path and not config.data.builtin:
@@ -112,3 +127,23 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                      "(e.g. --config.data.path=gs://BUCKET/imagenet256_tokens).")
   if config.data.num_workers < 0:
     raise ValueError(f"config.data.num_workers={config.data.num_workers} must be >= 0.")
+  if config.sample_every_steps and not config.sample.vq_checkpoint:
+    from npp_jax import digits  # pylint: disable=g-import-not-at-top  (only for this check)
+    if config.data.builtin != "digits" and cfg.vocab_size != digits.DIGITS_VOCAB_SIZE:
+      raise ValueError(f"config.sample_every_steps={config.sample_every_steps} needs "
+                       f"config.sample.vq_checkpoint (converted VQ-16 weights) to decode samples.")
+
+
+def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
+                            mesh: dict[str, int]) -> None:
+  """Every parameter axis that sharding.RULES splits over a mesh axis must divide evenly."""
+  kv = "config.model.n_kv_head" if config.model.n_kv_head else "config.model.n_head (kv heads)"
+  splits = {"fsdp": (("config.model.dim", cfg.dim),),
+            "tensor": (("config.model.n_head", cfg.n_head), (kv, cfg.kv_heads),
+                       ("the FFN width (from config.model.dim)", cfg.ffn_dim),
+                       ("config.model.vocab_size", cfg.vocab_size))}
+  for axis, sizes in splits.items():
+    for name, size in sizes:
+      if size % mesh[axis]:
+        raise ValueError(f"{name}={size} is not divisible by the '{axis}' mesh axis "
+                         f"(config.mesh.{axis} resolves to {mesh[axis]}), which splits it.")

@@ -135,8 +135,8 @@ class ShardMetadata:
     if not path.exists():
       raise ShardError(f"{path}: missing (not a token-shard directory, or `finalize` never ran)")
     try:
-      d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+      d = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise ShardError(f"{path}: not valid JSON ({e})") from e
     return cls.from_json(d, str(path))
 
@@ -294,10 +294,10 @@ def finalize(out_dir: epath.PathLike, *, num_processes: int) -> ShardMetadata:
     files = []
     for proc in range(num_processes):
       try:
-        m = json.loads(by_process[proc].read_text())
+        m = json.loads(by_process[proc].read_bytes().decode("utf-8"))
         this = {k: m[k] for k in _HEADER_FIELDS}
         files += [(f["name"], f["num_records"]) for f in m["files"]]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
+      except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ShardError(f"{by_process[proc]}: malformed manifest ({e!r})") from e
       if header is not None and this != header:
         raise ShardError(f"{by_process[proc]}: header {this} disagrees with {header}")

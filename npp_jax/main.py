@@ -8,6 +8,9 @@ Run the same command on every worker of a TPU pod slice (launch/ does that). Fla
   --coordinator_address / --num_processes / --process_id
                   explicit multi-process set-up (CPU or GPU clusters, tests). On Cloud TPU pods
                   jax.distributed is initialised automatically when these are not given.
+  --heartbeat_timeout_seconds
+                  how long a dead peer process goes unnoticed before every survivor stops with
+                  an error (instead of hanging in a collective).
 """
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ _MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this many steps
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "Multi-process: a peer silent this long is taken as dead "
+    "and every process stops with an error.", lower_bound=1)
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/grain INFO logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -48,9 +54,10 @@ def main(argv):
 
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT.value)
   elif _on_tpu_pod():
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
   from npp_jax import checkpoint, train  # noqa: E402  (jax-dependent modules after initialisation)
 
   checkpoint.install_preemption_handler()  # SIGTERM: save at the next step, then exit cleanly.

@@ -87,8 +87,13 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
   graphdef, params = nnx.split(model)
   param_sh = jax.tree.map(lambda x: x.sharding, params)
+  # Every optimizer leaf shaped like a parameter (Adam's mu and nu) is sharded like it; the rest
+  # (counts) is replicated. Left to XLA, the moments would be replicated on every device.
+  opt_sh = optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
+      transform_non_params=lambda _: sharding.replicated(mesh))
   with sharding.use_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=None)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
            "params": params, "opt_state": opt_state}
   if config.optim.ema_decay > 0:
@@ -287,9 +292,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   def check(step, metrics):
     m = {k: float(v) for k, v in host(metrics).items()}
-    if not np.isfinite(m["loss"]):
-      raise NonFiniteLossError(f"non-finite loss {m['loss']} at step {step}; stopping. The last "
-                               f"good checkpoint ({ckpt.latest_step()}) is kept.")
+    # The loss is finite on the step whose update overflows the params; their norm is not, so
+    # checking every metric keeps such a state from being saved as a good checkpoint.
+    bad = {k: v for k, v in m.items() if not np.isfinite(v)}
+    if bad:
+      raise NonFiniteLossError(
+          f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step} "
+          f"(loss {m['loss']}); stopping. The last good checkpoint ({ckpt.latest_step()}) is kept.")
     history[step] = m["loss"]
     return m
 

@@ -1,0 +1,464 @@
+"""Every bad input gets a clear error that names the offending thing, and leaves an existing
+checkpoint in the workdir untouched.
+
+One module-level workdir holds a real checkpoint (a 2-step smoke run); almost every case runs
+`train.train_and_evaluate` against it with one bad input and asserts (a) the exception type, (b)
+that its message names the key / file / record, (c) that the checkpoint files hash the same before
+and after. Config errors are raised before data is read and before anything compiles. Files from
+outside (shards, metadata.json, checkpoints) are parsed, never unpickled or imported: hostile
+pickle payloads below would create a marker file if anything ran them.
+"""
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from array_record.python import array_record_module
+import numpy as np
+import pytest
+
+from npp_jax import checkpoint as ckpt_lib
+from npp_jax import config_lib, convert, data, train
+from npp_jax import model as model_lib
+from train_helpers import (ROOT, VOCAB, committed_steps, main_command, main_env, read_state,
+                           smoke_config, tree_hash, wait_for, write_shards)
+
+TRAIN_FILE = "train-00000-00000.array_record"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(shards, tmp_path_factory):
+  """A workdir with committed checkpoints at steps 1 and 2 of the smoke run."""
+  wd = tmp_path_factory.mktemp("workdir")
+  train.train_and_evaluate(config(shards, **{"ckpt.every_steps": 1}), str(wd), max_steps=2)
+  assert committed_steps(wd / "checkpoints") == [1, 2]
+  return wd
+
+
+@pytest.fixture
+def workdir(trained_workdir, tmp_path):
+  """This test's copy of the trained workdir (a failing case cannot spoil the next one)."""
+  wd = tmp_path / "workdir"
+  shutil.copytree(trained_workdir, wd)
+  return wd
+
+
+def config(shards, **overrides):
+  return smoke_config(shards, **{"data.eval_split": "", **overrides})
+
+
+def expect_error(cfg, workdir, exc, *patterns, max_steps=None):
+  """Runs the trainer on `workdir` expecting `exc` whose message matches every regex in
+  `patterns`; asserts the checkpoints there are byte-identical afterwards. Returns the error."""
+  before = tree_hash(workdir / "checkpoints") if (workdir / "checkpoints").exists() else None
+  with pytest.raises(exc) as err:
+    train.train_and_evaluate(cfg, str(workdir), max_steps=max_steps)
+  for p in patterns:
+    assert re.search(p, str(err.value)), f"{p!r} not in: {err.value}"
+  if before is not None:
+    assert tree_hash(workdir / "checkpoints") == before, "the checkpoint was modified"
+  return err.value
+
+
+# ------------------------------------------------------------------------------- config values
+
+CONFIG_CASES = {
+    "batch_not_divisible_by_devices": ({"global_batch_size": 12},
+                                       r"config\.global_batch_size=12 is not divisible by the "
+                                       r"data x fsdp devices \(8\)"),
+    "batch_zero": ({"global_batch_size": 0}, r"config\.global_batch_size=0 must be >= 1"),
+    "patch_not_dividing_grid": ({"npp.patch_sizes": (3, 1)},
+                                r"patch size of level 0=3 does not divide the 16x16"),
+    "levels_beyond_grid": ({"npp.num_levels": 6, "npp.epochs": 300},
+                           r"patch size of level 0=32 does not divide the 16x16"),
+    "levels_beyond_epochs": ({"npp.num_levels": 4},
+                             r"npp\.epochs=4, npp\.num_levels=4.* give empty segments"),
+    "lambda_above_one": ({"npp.segment_factor": 1.5}, r"npp\.segment_factor=1\.5 must lie in \(0, 1\)"),
+    "lambda_zero": ({"npp.segment_factor": 0.0}, r"npp\.segment_factor=0\.0 must lie in \(0, 1\)"),
+    "fractions_not_summing_to_one": ({"npp.patch_sizes": (2, 1), "npp.fractions": (0.5, 0.6)},
+                                     r"npp\.fractions \(0\.5, 0\.6\) must be positive and sum to 1"),
+    "fractions_without_patch_sizes": ({"npp.fractions": (0.3, 0.7)},
+                                      r"config\.npp\.fractions=\(0\.3, 0\.7\) is set but "
+                                      r"config\.npp\.patch_sizes is not"),
+    "zero_epochs": ({"npp.epochs": 0}, r"config\.npp\.epochs=0 must be >= 1"),
+    "unknown_variant": ({"model.variant": "Q"}, r"config\.model\.variant='Q' is unknown"),
+    "dropout_one": ({"model.resid_dropout": 1.0}, r"model\.resid_dropout=1\.0 must lie in \[0, 1\)"),
+    "unknown_dtype": ({"model.dtype": "float16"}, r"model\.dtype='float16' must be one of"),
+    "unknown_remat": ({"model.remat": "everything"}, r"model\.remat='everything' must be one of"),
+    "kv_heads_not_dividing_heads": ({"model.n_kv_head": 3},
+                                    r"model\.n_head=4 is not a multiple of model\.n_kv_head=3"),
+    "head_dim_breaks_2d_rope": ({"model.dim": 72}, r"head_dim 18 must be a multiple of 4"),
+    "mesh_not_dividing_devices": ({"mesh.tensor": 3}, r"config\.mesh .* does not divide 8 devices"),
+    "mesh_needs_more_devices": ({"mesh.data": 2, "mesh.fsdp": 8},
+                                r"config\.mesh .* needs 16 devices, but 8 are present"),
+    "mesh_unknown_axis": ({"mesh.pipeline": 2}, r"config\.mesh has unknown axes \['pipeline'\]"),
+    "mesh_zero_axis": ({"mesh.data": 0}, r"config\.mesh\.data=0 must be a positive size or -1"),
+    "heads_not_split_by_tensor": ({"mesh.fsdp": 1, "mesh.tensor": 8},
+                                  r"config\.model\.n_head=4 is not divisible by the 'tensor' mesh "
+                                  r"axis \(config\.mesh\.tensor resolves to 8\)"),
+    "vocab_not_split_by_tensor": ({"mesh.fsdp": 4, "mesh.tensor": 2, "model.vocab_size": 65},
+                                  r"config\.model\.vocab_size=65 is not divisible by the 'tensor'"),
+    "dim_not_split_by_fsdp": ({"model.dim": 68, "model.n_head": 1},
+                              r"config\.model\.dim=68 is not divisible by the 'fsdp' mesh axis "
+                              r"\(config\.mesh\.fsdp resolves to 8\)"),
+    "negative_lr": ({"optim.lr": -1.0}, r"config\.optim\.lr=-1\.0 must be finite and > 0"),
+    "nan_lr": ({"optim.lr": float("nan")}, r"config\.optim\.lr=nan must be finite and > 0"),
+    "b2_one": ({"optim.b2": 1.0}, r"config\.optim\.b2=1\.0 must lie in \[0, 1\)"),
+    "zero_grad_clip": ({"optim.grad_clip": 0.0}, r"config\.optim\.grad_clip=0\.0 must be finite"),
+    "negative_warmup": ({"optim.warmup_epochs": -1.0},
+                        r"config\.optim\.warmup_epochs=-1\.0 must be finite and >= 0"),
+    "keep_zero_checkpoints": ({"ckpt.keep": 0}, r"config\.ckpt\.keep=0 must be >= 1"),
+    "log_every_zero": ({"log_every_steps": 0}, r"config\.log_every_steps=0 must be >= 1"),
+    "negative_sample_every": ({"sample_every_steps": -1},
+                              r"config\.sample_every_steps=-1 must be >= 0"),
+    "sampling_without_decoder": ({"sample_every_steps": 2},
+                                 r"config\.sample_every_steps=2 needs config\.sample\.vq_checkpoint"),
+    "negative_seed": ({"seed": -1}, r"config\.seed=-1 must be an int >= 0"),
+    "unknown_builtin_data": ({"data.builtin": "mnist"}, r"config\.data\.builtin='mnist' must be"),
+    "empty_data_path": ({"data.path": ""}, r"config\.data\.path is empty"),
+    "negative_workers": ({"data.num_workers": -1}, r"config\.data\.num_workers=-1 must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_CASES))
+def test_bad_config_value(shards, workdir, name):
+  overrides, pattern = CONFIG_CASES[name]
+  expect_error(config(shards, **overrides), workdir, ValueError, pattern)
+
+
+def test_batch_not_divisible_by_processes(shards):
+  with pytest.raises(ValueError, match=r"config\.global_batch_size=8 is not divisible by the "
+                                       r"process count \(3\)"):
+    config_lib.validate(config(shards), num_devices=8, process_count=3)
+
+
+# ------------------------------------------------------------------------------- data
+
+@pytest.fixture
+def bad_shards(shards, tmp_path):
+  """A private copy of the shards to damage."""
+  path = tmp_path / "bad_shards"
+  shutil.copytree(shards, path)
+  return path
+
+
+def _edit_metadata(path, fn):
+  meta = json.loads((path / data.METADATA_FILE).read_text())
+  fn(meta)
+  (path / data.METADATA_FILE).write_text(json.dumps(meta))
+
+
+def test_data_path_missing(shards, workdir, tmp_path):
+  expect_error(config(str(tmp_path / "nowhere")), workdir, data.ShardError,
+               re.escape(str(tmp_path / "nowhere" / "metadata.json")) + r": missing")
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    ("delete", "missing shard file"), ("empty", "empty shard file"),
+    ("truncate", r"not a readable ArrayRecord file \(truncated or corrupt\)")])
+def test_damaged_shard_file(workdir, bad_shards, damage, pattern):
+  path = bad_shards / TRAIN_FILE
+  if damage == "delete":
+    path.unlink()
+  else:
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:-500])
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               re.escape(str(path)) + ": " + pattern)
+
+
+def test_metadata_not_json(workdir, bad_shards):
+  (bad_shards / data.METADATA_FILE).write_text('{"grid_size": 16,')
+  expect_error(config(str(bad_shards)), workdir, data.ShardError, r"metadata\.json: not valid JSON")
+
+
+def test_metadata_wrong_field_type(workdir, bad_shards):
+  _edit_metadata(bad_shards, lambda m: m.update(vocab_size="64"))
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               r"metadata\.json: field 'vocab_size' must be an int >= 1, got '64'")
+
+
+def test_metadata_record_count_disagrees_with_file(workdir, bad_shards):
+  def edit(m):
+    m["splits"]["train"]["files"][0]["num_records"] = 65
+    m["splits"]["train"]["num_records"] = 65
+  _edit_metadata(bad_shards, edit)
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               TRAIN_FILE + r": holds 64 records but metadata\.json says 65")
+
+
+def test_missing_train_split(shards, workdir):
+  expect_error(config(shards, **{"data.train_split": "training"}), workdir, data.ShardError,
+               r"no split 'training'; splits are \['train', 'validation'\]")
+
+
+def test_data_vocab_larger_than_model(shards, workdir):
+  expect_error(config(shards, **{"model.vocab_size": 32}), workdir, ValueError,
+               r"holds vocab 64 .*config\.model\.vocab_size=32")
+
+
+def test_data_grid_differs_from_model(shards, workdir):
+  expect_error(config(shards, **{"model.grid_size": 8}), workdir, ValueError,
+               r"holds 16x16 token grids but config\.model\.grid_size=8")
+
+
+def test_batch_larger_than_dataset(shards, workdir):
+  expect_error(config(shards, **{"global_batch_size": 128, "data.steps_per_epoch": -1}), workdir,
+               ValueError,
+               r"config\.global_batch_size=128 exceeds the 64 training records")
+
+
+def _records_of_batch(shards, batch_index):
+  """Indices (in the train file) of the records that make up global batch `batch_index`."""
+  source = data.open_split(shards, "train")
+  it = iter(data.make_train_dataset(shards, split="train", global_batch_size=8, seed=0,
+                                    process_index=0, process_count=1))
+  batch = [next(it) for _ in range(batch_index + 1)][-1]
+  records = [source[i]["codes"] for i in range(len(source))]
+  return [next(i for i, views in enumerate(records) if any(np.array_equal(row, v) for v in views))
+          for row in batch["codes"]]
+
+
+def _rewrite_record(path, index, label=None, token=None):
+  """Rewrites an ArrayRecord shard with record `index` given a bad label or one bad token id."""
+  meta = data.ShardMetadata.load(path.parent)
+  reader = array_record_module.ArrayRecordReader(str(path))
+  raws = list(reader.read_all())
+  reader.close()
+  rec = data.decode_record(raws[index], meta, "original")
+  codes = rec["codes"].astype(np.int64)
+  if token is not None:
+    codes[1, 7] = token
+  raws[index] = data.encode_record(rec["label"] if label is None else label, codes, "uint16")
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  for raw in raws:
+    writer.write(raw)
+  writer.close()
+
+
+@pytest.mark.parametrize("what,pattern", [
+    ("token", rf"token id {VOCAB} outside \[0, vocab_size={VOCAB}\)"),
+    ("label", r"label 10 outside \[0, num_classes=10\)")])
+def test_bad_record_met_during_training(shards, workdir, bad_shards, what, pattern):
+  """The workdir resumes at step 2; one record of the batch of step 2 is bad: the error names the
+  file and record, and stops the run before it saves anything."""
+  index = _records_of_batch(shards, 2)[3]
+  _rewrite_record(bad_shards / TRAIN_FILE, index, **{what: VOCAB if what == "token" else 10})
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               re.escape(str(bad_shards / TRAIN_FILE)) + rf": record {index}: " + pattern)
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+def test_resume_with_another_model_size(shards, workdir):
+  err = expect_error(config(shards, **{"model.dim": 128}), workdir,
+                     ckpt_lib.CheckpointMismatchError,
+                     r"checkpoint .*checkpoints/2 does not match the model",
+                     r"shape mismatch for params/tok_embeddings/embedding.*: checkpoint \(64, 64\), "
+                     r"model \(64, 128\)")
+  assert "another model size" in str(err)
+
+
+def test_damaged_latest_checkpoint(shards, workdir):
+  wd = workdir
+  manifest = wd / "checkpoints" / "2" / "state" / "manifest.ocdbt"
+  manifest.write_bytes(manifest.read_bytes()[:20])
+  expect_error(config(shards), wd, ckpt_lib.CheckpointReadError,
+               re.escape(str(wd / "checkpoints" / "2")) + r" cannot be read",
+               r"resume from an earlier step")
+
+
+def test_init_from_params_of_another_size(shards, tmp_path):
+  small = model_lib.ModelConfig(dim=32, n_layer=2, n_head=4, vocab_size=64, num_classes=10)
+  from flax import nnx
+  params = nnx.state(model_lib.Transformer(small, rngs=nnx.Rngs(0)), nnx.Param)
+  ckpt_lib.save_params(tmp_path / "small", params)
+  before = tree_hash(tmp_path / "small")
+  expect_error(config(shards, **{"ckpt.init_from": str(tmp_path / "small")}), tmp_path / "w",
+               ckpt_lib.CheckpointMismatchError,
+               r"params checkpoint .*small/params does not match the model",
+               r"shape mismatch for .*tok_embeddings/embedding.*: checkpoint \(64, 32\), "
+               r"model \(64, 64\)")
+  assert tree_hash(tmp_path / "small") == before
+
+
+def test_init_from_missing(shards, tmp_path):
+  expect_error(config(shards, **{"ckpt.init_from": str(tmp_path / "nope")}), tmp_path / "w",
+               FileNotFoundError, r"no params checkpoint at .*nope/params")
+
+
+def test_converter_key_and_shape_mismatch():
+  cfg = model_lib.config_for("B", vocab_size=64, num_classes=10)
+  sd = {k: np.zeros(s, np.float32) if k.startswith(("tok_", "cls_", "norm", "output"))
+        else np.broadcast_to(np.float32(0), s)
+        for k, s in convert.gpt_expected_shapes(cfg).items()}
+  del sd["layers.3.ffn_norm.weight"]
+  sd["norm.weight"] = np.zeros(7, np.float32)
+  sd["layers.0.attention.wqkv.bias"] = np.zeros(2304, np.float32)
+  with pytest.raises(convert.ConversionError) as err:
+    convert.load_gpt(sd, variant="B")
+  msg = str(err.value)
+  assert "missing key layers.3.ffn_norm.weight (expected shape (768,))" in msg
+  assert "shape mismatch for norm.weight: got (7,), expected (768,)" in msg
+  assert "unexpected key layers.0.attention.wqkv.bias (shape (2304,))" in msg
+
+
+# ------------------------------------------------------------------------------- workdir
+
+def test_workdir_is_a_file(shards, tmp_path):
+  path = tmp_path / "file"
+  path.write_text("not a directory")
+  with pytest.raises(OSError, match=re.escape(str(path))):
+    train.train_and_evaluate(config(shards), str(path))
+  assert path.read_text() == "not a directory"
+
+
+def test_workdir_under_a_file(shards, tmp_path):
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(OSError, match=re.escape(str(tmp_path / "file"))):
+    train.train_and_evaluate(config(shards), str(tmp_path / "file" / "run"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_workdir_in_read_only_directory(shards, tmp_path):
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o500)
+  try:
+    with pytest.raises(OSError, match=re.escape(str(ro / "run"))):
+      train.train_and_evaluate(config(shards), str(ro / "run"))
+  finally:
+    ro.chmod(0o700)
+
+
+# ------------------------------------------------------------------------------- non-finite loss
+
+def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(shards, workdir):
+  err = expect_error(config(shards, **{"optim.lr": 1e38, "ckpt.every_steps": 100}), workdir,
+                     train.NonFiniteLossError, r"non-finite .*at step (\d+)",
+                     r"last good checkpoint \(2\) is kept")
+  assert int(re.search(r"at step (\d+)", str(err)).group(1)) >= 2  # the run resumed at step 2.
+
+
+def test_non_finite_run_never_saves_non_finite_params(shards, tmp_path):
+  with pytest.raises(train.NonFiniteLossError):
+    train.train_and_evaluate(config(shards, **{"optim.lr": 1e38, "ckpt.every_steps": 1}),
+                             str(tmp_path))
+  steps = committed_steps(tmp_path / "checkpoints")
+  assert steps
+  for step in steps:
+    state = read_state(tmp_path / "checkpoints" / str(step))
+    assert all(np.isfinite(v).all() for k, v in state.items() if "params" in k), step
+
+
+# ------------------------------------------------------------------------------- untrusted files
+
+class _Evil:
+  """Unpickling this creates `path` (a harmless marker standing in for arbitrary code)."""
+
+  def __init__(self, path):
+    self.path = str(path)
+
+  def __reduce__(self):
+    return open, (self.path, "w")
+
+
+def test_pickle_in_a_shard_record_is_just_bytes(workdir, bad_shards, tmp_path):
+  marker = tmp_path / "pwned"
+  payload = pickle.dumps(_Evil(marker))
+  writer = array_record_module.ArrayRecordWriter(str(bad_shards / TRAIN_FILE), "group_size:1")
+  for _ in range(64):
+    writer.write(payload)
+  writer.close()
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               re.escape(TRAIN_FILE) + r": record \d+: (undecodable|truncated) record")
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [
+    "pickle",
+    "python_keys"])
+def test_metadata_json_is_parsed_as_json_only(workdir, bad_shards, tmp_path, content):
+  marker = tmp_path / "pwned"
+  if content == "pickle":
+    (bad_shards / data.METADATA_FILE).write_bytes(pickle.dumps(_Evil(marker)))
+    pattern = r"metadata\.json: not valid JSON"
+  else:
+    _edit_metadata(bad_shards, lambda m: m.update(__reduce__=["os.system", "touch " + str(marker)]))
+    pattern = r"metadata\.json: .*unknown fields \['__reduce__'\]"
+  expect_error(config(str(bad_shards)), workdir, data.ShardError, pattern)
+  assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["state/_METADATA", "data/process_0-of-1.json",
+                                  "state/array_metadatas/process_0"])
+def test_hostile_checkpoint_metadata_fails_cleanly(shards, workdir, tmp_path, name):
+  wd = workdir
+  marker = tmp_path / "pwned"
+  (wd / "checkpoints" / "2" / name).write_bytes(pickle.dumps(_Evil(marker)))
+  expect_error(config(shards), wd, ckpt_lib.CheckpointReadError,
+               re.escape(str(wd / "checkpoints" / "2" / name)) + r" is not valid JSON")
+  assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_hostile_files_orbax_ignores_run_nothing(shards, workdir, tmp_path, monkeypatch):
+  """_CHECKPOINT_METADATA (with a handler type naming an importable module) and _sharding are not
+  needed to restore: orbax ignores their damage, resumes, and neither unpickles nor imports."""
+  wd = workdir
+  marker = tmp_path / "pwned"
+  (tmp_path / "npp_evil_handler.py").write_text(f"open({str(marker)!r}, 'w')\nclass H: pass\n")
+  monkeypatch.syspath_prepend(str(tmp_path))  # importable, were anything to import it.
+  meta_file = wd / "checkpoints" / "2" / "_CHECKPOINT_METADATA"
+  meta = json.loads(meta_file.read_text())
+  meta["item_handlers"] = {"state": "npp_evil_handler.H", "data": "npp_evil_handler.H"}
+  meta_file.write_text(json.dumps(meta))
+  (wd / "checkpoints" / "2" / "state" / "_sharding").write_bytes(pickle.dumps(_Evil(marker)))
+  summary = train.train_and_evaluate(config(shards), str(wd), max_steps=1)
+  assert summary["step"] == 3
+  assert not marker.exists() and "npp_evil_handler" not in sys.modules
+
+
+# ------------------------------------------------------------------------------- multi-process
+
+@pytest.mark.slow
+def test_dead_peer_process_stops_the_survivor(shards, tmp_path):
+  """Two JAX processes train together; SIGKILL of process 1 mid-training makes process 0 exit
+  non-zero within a bounded time instead of hanging in a collective. (Killing process 0, the
+  coordinator, stops process 1 within a second.)"""
+  import portpicker
+  port = portpicker.pick_unused_port()
+  procs, logs = [], []
+  for i in range(2):
+    logs.append(tmp_path / f"p{i}.log")
+    with open(logs[-1], "w") as log:
+      procs.append(subprocess.Popen(
+          main_command(tmp_path / "w", shards, overrides={"data.eval_split": "", "npp.epochs": 40},
+                       extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                              f"--process_id={i}", "--heartbeat_timeout_seconds=10"]),
+          cwd=ROOT, env=main_env(4), stdout=log, stderr=subprocess.STDOUT))
+  try:
+    started = wait_for(lambda: "] grad_norm=" in logs[1].read_text(), 240, 0.1, procs[1])
+    assert started, logs[1].read_text()[-3000:]
+    procs[1].send_signal(signal.SIGKILL)
+    t0 = time.time()
+    rc = procs[0].wait(timeout=180)
+    elapsed = time.time() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  log0 = logs[0].read_text()
+  print(f"survivor exited with {rc} {elapsed:.1f}s after its peer was killed")
+  assert rc != 0, log0[-3000:]
+  assert elapsed < 60, log0[-3000:]
+  assert re.search(r"Gloo .* failed|heartbeat|another task died", log0), log0[-3000:]
