@@ -87,18 +87,24 @@ def create_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
       lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh)
   graphdef, params = nnx.split(model)
   param_sh = jax.tree.map(lambda x: x.sharding, params)
-  # Every optimizer leaf shaped like a parameter (Adam's mu and nu) is sharded like it; the rest
-  # (counts) is replicated. Left to XLA, the moments would be replicated on every device.
-  opt_sh = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-      transform_non_params=lambda _: sharding.replicated(mesh))
   with sharding.use_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_sh, mesh))(
+        params)
   state = {"step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
            "params": params, "opt_state": opt_state}
   if config.optim.ema_decay > 0:
     state["ema"] = jax.tree.map(lambda x, s: jax.device_put(jnp.copy(x), s), params, param_sh)
   return graphdef, state
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_shardings: Any,
+                        mesh: jax.sharding.Mesh) -> Any:
+  """Shardings of `tx.init(params)`: every leaf shaped like a parameter (Adam's mu and nu) is
+  sharded like it, the rest (counts) replicated. Left to XLA, the moments would be replicated on
+  every device. `params` may be abstract (ShapeDtypeStructs)."""
+  return optax.tree_map_params(
+      tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh))
 
 
 class StepFns:
