@@ -14,3 +14,12 @@ from absl import flags  # noqa: E402
 
 # grain's worker processes read absl flags; tests do not go through app.run.
 flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Synthetic token shards of the smoke config (see train_helpers.write_shards), one per module."""
+  from train_helpers import write_shards  # pylint: disable=g-import-not-at-top  (imports npp_jax)
+  return write_shards(tmp_path_factory.mktemp("shards"))

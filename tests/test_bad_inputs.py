@@ -26,14 +26,9 @@ from npp_jax import checkpoint as ckpt_lib
 from npp_jax import config_lib, convert, data, train
 from npp_jax import model as model_lib
 from train_helpers import (ROOT, VOCAB, committed_steps, main_command, main_env, read_state,
-                           smoke_config, tree_hash, wait_for, write_shards)
+                           smoke_config, tree_hash, wait_for)
 
 TRAIN_FILE = "train-00000-00000.array_record"
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  return write_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

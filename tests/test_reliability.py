@@ -26,14 +26,9 @@ import pytest
 from npp_jax import config_lib, optim, sharding, train
 from train_helpers import (as_logged, assert_states_equal, committed_steps, event_losses,
                            logged_loss_strings, logged_losses, main_env, read_state, run_main,
-                           smoke_config, start_main, tmp_dirs, wait_for, write_shards)
+                           smoke_config, start_main, tmp_dirs, wait_for)
 
 NO_EVAL = {"data.eval_split": ""}  # evaluation changes no training loss; skipping it saves time.
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  return write_shards(tmp_path_factory.mktemp("shards"))
 
 
 def _reference(shards, workdir, **overrides):

@@ -11,12 +11,7 @@ import pytest
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import data, train
 from train_helpers import (ROOT, VOCAB, logged_losses, main_command, main_env, run_main,
-                           smoke_config, write_shards)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-  return write_shards(tmp_path_factory.mktemp("shards"))
+                           smoke_config)
 
 
 @pytest.fixture(scope="module")
