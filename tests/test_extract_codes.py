@@ -17,7 +17,7 @@ from PIL import Image
 import pytest
 
 from configs import extract_imagenet
-from npp_jax import data, extract_codes, preprocess, vq
+from npp_jax import data, extract_codes, image_sources, preprocess, vq
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VQ = vq.VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
@@ -379,7 +379,7 @@ def test_tfds_mock_imagenet_end_to_end(vq_path, model, tmp_path, shared_encode):
   assert meta.extra["source"] == {"train": "tfds:imagenet2012/train"}
   shards = data.open_split(tmp_path / "codes", "train")
   views = np.concatenate([
-      preprocess.image_views(extract_codes.decode_image(ex["image"], "x"), 32, (1.1, 1.05))
+      preprocess.image_views(image_sources.decode_image(ex["image"], "x"), 32, (1.1, 1.05))
       for ex in examples])
   want = _encode_directly(model, views).reshape(5, 20, -1)
   for i, ex in enumerate(examples):
@@ -416,32 +416,32 @@ def test_load_vq_model_from_converted_dir_and_npz(vq_path, model, tmp_path):
 
 
 def test_missing_and_empty_folders(tmp_path):
-  with pytest.raises(extract_codes.SourceError, match="nowhere.*does not exist"):
-    extract_codes.FolderSource(tmp_path / "nowhere")
+  with pytest.raises(image_sources.SourceError, match="nowhere.*does not exist"):
+    image_sources.FolderSource(tmp_path / "nowhere")
   (tmp_path / "root" / "a").mkdir(parents=True)
   (tmp_path / "root" / "b").mkdir()
   Image.new("RGB", (8, 8)).save(tmp_path / "root" / "a" / "x.JPEG")
   (tmp_path / "root" / "b" / "readme.txt").write_text("no images here")
-  with pytest.raises(extract_codes.SourceError, match=r"root/b'? holds no images"):
-    extract_codes.FolderSource(tmp_path / "root")
+  with pytest.raises(image_sources.SourceError, match=r"root/b'? holds no images"):
+    image_sources.FolderSource(tmp_path / "root")
   (tmp_path / "flat").mkdir()
   Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "x.JPEG")
-  with pytest.raises(extract_codes.SourceError, match="no class subfolders"):
-    extract_codes.FolderSource(tmp_path / "flat")
+  with pytest.raises(image_sources.SourceError, match="no class subfolders"):
+    image_sources.FolderSource(tmp_path / "flat")
 
 
 def test_corrupt_jpeg_names_the_file(folder, vq_path, tmp_path, shared_encode):
   root = tmp_path / "train"
   shutil.copytree(folder, root)
   (root / "n02" / "img1.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-  with pytest.raises(extract_codes.SourceError, match=r"n02/img1\.JPEG: cannot decode image"):
+  with pytest.raises(image_sources.SourceError, match=r"n02/img1\.JPEG: cannot decode image"):
     extract_codes.extract(_config(root, vq_path, tmp_path / "codes"), devices=jax.devices()[:1])
   assert not (tmp_path / "codes" / data.METADATA_FILE).exists()
 
 
 def test_label_out_of_range_names_the_image(vq_path, tmp_path, shared_encode):
   config = _config("", vq_path, tmp_path / "codes")
-  with pytest.raises(extract_codes.SourceError,
+  with pytest.raises(image_sources.SourceError,
                      match=r"item 2: label 3 outside \[0, num_classes=3\)"):
     extract_codes.extract(config, sources={"train": _ListSource([0, 1, 3, 2], 3)},
                           devices=jax.devices()[:1])
@@ -463,10 +463,10 @@ def test_bad_config_and_changed_plan(folder, vq_path, tmp_path, clean_run, share
   Image.new("RGB", (8, 8)).save(other / "n09" / "x.JPEG")
   config = _config(folder, vq_path, tmp_path / "a", splits=("train", "validation"))
   config.folder.validation = str(other)
-  with pytest.raises(extract_codes.SourceError, match="labels would not agree"):
+  with pytest.raises(image_sources.SourceError, match="labels would not agree"):
     extract_codes.extract(config)
-  with pytest.raises(extract_codes.SourceError, match="is it prepared there as ArrayRecord"):
-    extract_codes.TfdsSource("imagenet2012", "train", str(tmp_path / "no_tfds_here"))
+  with pytest.raises(image_sources.SourceError, match="is it prepared there as ArrayRecord"):
+    image_sources.TfdsSource("imagenet2012", "train", str(tmp_path / "no_tfds_here"))
   # Resuming into the clean run's directory with another unit size is refused.
   out = tmp_path / "copy"
   shutil.copytree(clean_run[0], out)
