@@ -1,7 +1,8 @@
 """Sampling: KV-cache decoding with classifier-free guidance, top-k/top-p, images and grids.
 
 Owns: `generate` (token-by-token decoding of the final 1x1 model with a static-shape KV cache in
-one compiled loop), `generate_full_recompute` (the same sampling without a cache, the reference
+one compiled loop; the cache and the per-step layer maths live in `npp_jax/decode.py`),
+`generate_full_recompute` (the same sampling without a cache, the reference
 for tests and benchmarks), `make_sampler` (jitted and sharded over a mesh), the decoders from
 codes to uint8 images (VQ-16, the digits palette, a raw token palette), and `class_grid` /
 `sample_grid`. Loading weights (`sample_cli.load_model`) and the CLI that writes the ADM `.npz`
@@ -12,6 +13,8 @@ Sampling follows LlamaGen's `generate` (facts section 4) except where noted:
     so that a pair never straddles two batch shards; both rows are fed the same sampled token.
     `logits = uncond + (cond - uncond) * cfg_scale` on raw logits. The reference ignores CFG for
     cfg_scale <= 1; here every cfg_scale != 1 applies the formula (1 skips the null rows).
+    Being linear, the combination is applied to the final-normed hidden states, before the
+    (bias-free) output layer: the same logits up to float rounding, half the output matmul.
   * Randomness is a function of the global sample index: row b uses fold_in(rng, offset + b) and
     step t fold_in(row_key, t), so samples do not depend on the batch size or device count.
   * top-p keeps every token tied with the last kept one (HF v3 keeps an arbitrary subset of ties).
@@ -35,7 +38,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 
-from npp_jax import digits, sharding, vq
+from npp_jax import decode, digits, sharding, vq
 from npp_jax import model as model_lib
 
 NO_DROPOUT = dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
@@ -125,11 +128,16 @@ def draw(logits_BxV: jax.Array, keys_B: jax.Array, opts: SamplingOptions) -> jax
   return categorical(keys_B, logits_BxV)
 
 
-def _guide(logits_RxV: jax.Array, t: jax.Array | int, opts: SamplingOptions) -> jax.Array:
-  """CFG-combined logits_BxV of step t (t = 0 is the class position)."""
+def _guide(x_RxC: jax.Array, t: jax.Array | int, opts: SamplingOptions) -> jax.Array:
+  """CFG-combined x_BxC of step t (t = 0 is the class position).
+
+  The combination is linear, so it applies as well to the normed hidden states as to the
+  logits they project to: the decode loop combines before the output layer, which then
+  multiplies B rows instead of R = 2B.
+  """
   if not opts.use_cfg:
-    return logits_RxV
-  pairs = logits_RxV.reshape(-1, 2, logits_RxV.shape[-1])
+    return x_RxC
+  pairs = x_RxC.reshape(-1, 2, x_RxC.shape[-1])
   cond, uncond = pairs[:, 0], pairs[:, 1]
   guided = uncond + (cond - uncond) * opts.cfg_scale
   if opts.cfg_interval > -1:
@@ -149,18 +157,24 @@ def _rows(x_B: jax.Array, opts: SamplingOptions, null_value: int | None = None) 
 # ---------------------------------------------------------------------------------------------
 # The decode loop, shared by the cached and the full-recompute paths.
 # ---------------------------------------------------------------------------------------------
-def _loop(step_fn, carry, labels_B, rng, sample_offset, opts, n, v, return_logits, phases=None):
-  """Steps t = 0..n-1: `step_fn(t, tokens_R, carry) -> (logits_RxV, carry)` feeds the previous
-  token (ignored at t = 0, the class position's prefill) and returns the logits predicting token
-  t. `phases` [(end, grow)] splits the steps into fori_loops; `grow(carry)` runs before each."""
-  b = labels_B.shape[0]
+def _loop(model, step_fn, carry, labels_B, rng, sample_offset, opts, return_logits, phases=None):
+  """Steps t = 0..N-1: `step_fn(t, tokens_R, carry) -> (x_RxD, carry)` feeds the previous
+  token (ignored at t = 0, the class position's prefill) and returns the residual stream of the
+  position predicting token t. `phases` [(end, grow)] splits the steps into fori_loops;
+  `grow(carry)` runs before each."""
+  cfg = model.cfg
+  b, n, v = labels_B.shape[0], cfg.num_tokens, cfg.vocab_size
   idx_B = jnp.asarray(sample_offset, jnp.int32) + jnp.arange(b, dtype=jnp.int32)
   row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(rng, idx_B)
+  dtype = model_lib.DTYPES[cfg.dtype]
+  scale_D = model.norm.scale[...]
+  out_DxV = model.output[...].astype(dtype)  # cast once, outside the loop.
 
   def body(t, state):
     codes_BxN, carry, tok_B, buf_BxNxV = state
-    logits_RxV, carry = step_fn(t, _rows(tok_B, opts), carry)
-    logits_BxV = _guide(logits_RxV, t, opts)
+    x_RxD, carry = step_fn(t, _rows(tok_B, opts), carry)
+    h_BxD = _guide(model_lib.rms_norm(x_RxD, scale_D, cfg.norm_eps), t, opts)
+    logits_BxV = jnp.dot(h_BxD.astype(dtype), out_DxV, preferred_element_type=jnp.float32)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
     tok_B = draw(logits_BxV, keys_B, opts)
     codes_BxN = jax.lax.dynamic_update_slice(codes_BxN, tok_B[:, None], (0, t))
@@ -177,90 +191,23 @@ def _loop(step_fn, carry, labels_B, rng, sample_offset, opts, n, v, return_logit
   return state[0], state[3]
 
 
-def cache_phases(num_tokens: int, phase: int = 64) -> list[tuple[int, int]]:
-  """[(last step + 1, cache length)] of the decode phases.
-
-  Step t attends to positions 0..t, so phase i's cache needs only its end's length (rounded up
-  to a multiple of 8): on average 5/8 of the full cache is read instead of all of it, at the
-  price of one compiled loop per phase. Position N never enters (the last token is not fed).
-  """
-  ends = list(range(phase, num_tokens, phase)) + [num_tokens]
-  return [(end, model_lib.find_multiple(end, 8)) for end in ends]
-
-
-def _attend(q_Rx1xHxE, kt_RxJxExL, v_RxJxLxE, valid_L):
-  """One query position against the cache; GQA head h reads kv head h // (H / J).
-
-  The cache layouts make both products plain batched matmuls over (R, J) (no cache transpose).
-  """
-  r, _, h, e = q_Rx1xHxE.shape
-  j = kt_RxJxExL.shape[1]
-  q = q_Rx1xHxE.reshape(r, j, h // j, e)
-  s = jnp.einsum("rjge,rjel->rjgl", q, kt_RxJxExL, preferred_element_type=jnp.float32)
-  s = jnp.where(valid_L, s / math.sqrt(e), -jnp.inf)
-  w = jax.nn.softmax(s, axis=-1).astype(v_RxJxLxE.dtype)
-  o = jnp.einsum("rjgl,rjle->rjge", w, v_RxJxLxE, preferred_element_type=jnp.float32)
-  return o.reshape(r, 1, h, e).astype(q_Rx1xHxE.dtype)
-
-
-def _cached_step(model, layers, table, x_Rx1xD, pos, cache):
-  """Feeds one position through every layer, writing its k/v into the cache: logits_RxV, cache.
-
-  `layers` holds each layer's params and `cache` each layer's (k_RxJxExL, v_RxJxLxE); k is stored
-  transposed so that neither attention product transposes the cache. The layer loop is unrolled
-  over per-layer arrays sliced once before decoding: a scan would slice every layer's weights
-  and cache out of the stacked arrays at every step, and on CPU those slices are copies (they
-  tripled the step time of a 4-layer model).
-  """
-  cfg = model.cfg
-  dtype = model_lib.DTYPES[cfg.dtype]
-  row = jax.lax.dynamic_slice_in_dim(table, pos, 1, axis=0)
-  valid_L = jnp.arange(cache[0][1].shape[2]) <= pos
-  x, new_cache = x_Rx1xD, []
-  for p, (k_cache, v_cache) in zip(layers, cache):
-    h = model_lib.rms_norm(x, p["attention_norm"], cfg.norm_eps)
-    q, k_Rx1xJxE, v_Rx1xJxE = model_lib.qkv_projection(p, h, row, dtype)
-    kt = k_Rx1xJxE.transpose(0, 2, 3, 1).astype(k_cache.dtype)  # RxJxEx1
-    vt = v_Rx1xJxE.transpose(0, 2, 1, 3).astype(v_cache.dtype)  # RxJx1xE
-    k_cache = jax.lax.dynamic_update_slice(k_cache, kt, (0, 0, 0, pos))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, vt, (0, 0, pos, 0))
-    x = model_lib.block_tail(p, cfg, x, _attend(q, k_cache, v_cache, valid_L), (None, None))
-    new_cache.append((k_cache, v_cache))
-  return model.logits(x)[:, 0], tuple(new_cache)
-
-
 def _generate_cached(model, labels_B, rng, sample_offset, opts, return_logits):
   cfg = model.cfg
   labels_R = _rows(labels_B, opts, cfg.num_classes)
-  r, n = labels_R.shape[0], cfg.num_tokens
-  dtype = model_lib.DTYPES[cfg.dtype]
-  axes = ("act_batch", "act_heads", None, None)
-
-  def grow(length):
-    """Zero-pads every layer's cache (or creates it) to `length` positions."""
-    def pad(a, axis):
-      widths = [(0, 0)] * 4
-      widths[axis] = (0, length - a.shape[axis])
-      return sharding.constrain(jnp.pad(a, widths), axes)
-    return lambda cache: tuple((pad(k, 3), pad(v, 2)) for k, v in cache)
-
-  # Each layer's weights, sliced (and cast to the compute dtype) once, outside the decode loop.
-  stacked = model_lib.layer_params(model.layers)
-  layers = [{k: a[i] if a.ndim == 2 else a[i].astype(dtype) for k, a in stacked.items()}
-            for i in range(cfg.n_layer)]
+  layers = decode.decode_weights(model)  # sliced, cast and laid out once, outside the loop.
   table = jnp.asarray(model.rope(1))
-  cls_Rx1xD = model.class_embedding(labels_R)[:, None]
+  cls_RxD = model.class_embedding(labels_R)
 
   def step(t, tok_R, cache):
-    tok_Rx1xD = model.tok_embeddings(tok_R).astype(jnp.float32)[:, None]
-    x_Rx1xD = jnp.where(t == 0, cls_Rx1xD, tok_Rx1xD)  # t = 0: prefill the class position.
-    return _cached_step(model, layers, table, x_Rx1xD, t, cache)
+    tok_RxD = model.tok_embeddings(tok_R).astype(jnp.float32)
+    x_RxD = jnp.where(t == 0, cls_RxD, tok_RxD)  # t = 0: prefill the class position.
+    row = jax.lax.dynamic_slice_in_dim(table, t, 1, axis=0)
+    return decode.cached_step(cfg, layers, row, x_RxD, t, cache)
 
-  empty = ((jnp.zeros((r, cfg.kv_heads, cfg.head_dim, 0), dtype),
-            jnp.zeros((r, cfg.kv_heads, 0, cfg.head_dim), dtype)),) * cfg.n_layer
-  phases = [(end, grow(length)) for end, length in cache_phases(n)]
-  return _loop(step, empty, labels_B, rng, sample_offset, opts, n, cfg.vocab_size, return_logits,
-               phases)
+  phases = [(end, functools.partial(decode.grow_cache, length=length))
+            for end, length in decode.cache_phases(cfg.num_tokens)]
+  return _loop(model, step, decode.empty_cache(cfg, labels_R.shape[0]), labels_B, rng,
+               sample_offset, opts, return_logits, phases)
 
 
 def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits):
@@ -270,12 +217,10 @@ def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits
     # Token t-1 joins the input (at t = 0 a zero lands in slot 0, which step 1 overwrites).
     codes_RxN = jax.lax.dynamic_update_slice(codes_RxN, tok_R[:, None], (0, jnp.maximum(t - 1, 0)))
     x_RxNxD = model.hidden(codes_RxN, labels_R)  # the whole prefix, recomputed every step.
-    x_Rx1xD = jax.lax.dynamic_slice_in_dim(x_RxNxD, t, 1, axis=1)
-    return model.logits(x_Rx1xD)[:, 0], codes_RxN
+    return jax.lax.dynamic_slice_in_dim(x_RxNxD, t, 1, axis=1)[:, 0], codes_RxN
 
   codes_RxN = jnp.zeros((labels_R.shape[0], model.cfg.num_tokens), jnp.int32)
-  return _loop(step, codes_RxN, labels_B, rng, sample_offset, opts, model.cfg.num_tokens,
-               model.cfg.vocab_size, return_logits)
+  return _loop(model, step, codes_RxN, labels_B, rng, sample_offset, opts, return_logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "opts", "return_logits", "recompute"))
