@@ -224,12 +224,31 @@ def _remat_policy(name: str):
   }[name]
 
 
+def flat_matmuls() -> bool:
+  """Whether projections run as 2-D matmuls over flattened rows (CPU) rather than einsums.
+
+  Same math. On XLA:CPU the weight gradient of an einsum over (b, l, d) contracts two axes, and
+  the compiler materialises transposed copies of the activations' gradient for it (~35% slower
+  FFN backward); the flattened form's gradient is one plain matmul. TPU/GPU keep the einsum.
+  """
+  return jax.default_backend() == "cpu"
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+  """Contracts the last `n_in` axes of x with the first `n_in` axes of w (jnp.tensordot)."""
+  if not flat_matmuls():
+    return jnp.tensordot(x, w, axes=n_in)
+  lead, i = x.shape[: x.ndim - n_in], math.prod(w.shape[:n_in])
+  y = jnp.dot(x.reshape(-1, i), w.reshape(i, -1))
+  return y.reshape(*lead, *w.shape[n_in:])
+
+
 def qkv_projection(p: dict, h_BxLxD: jax.Array, table_Lx2: jax.Array, dtype) -> tuple[jax.Array, ...]:
   """q, k (RoPE applied) and v of one layer: q_BxLxHxE, k_BxLxJxE, v_BxLxJxE."""
   h = h_BxLxD.astype(dtype)
-  q = jnp.einsum("bld,dhe->blhe", h, p["wq"].astype(dtype))
-  k = jnp.einsum("bld,dje->blje", h, p["wk"].astype(dtype))
-  v = jnp.einsum("bld,dje->blje", h, p["wv"].astype(dtype))
+  q = dense(h, p["wq"].astype(dtype), 1)
+  k = dense(h, p["wk"].astype(dtype), 1)
+  v = dense(h, p["wv"].astype(dtype), 1)
   return patching.apply_rope(q, table_Lx2), patching.apply_rope(k, table_Lx2), v
 
 
@@ -237,16 +256,36 @@ def block_tail(p: dict, cfg: ModelConfig, x_BxLxD: jax.Array, attn_BxLxHxE: jax.
                rngs: tuple[jax.Array | None, jax.Array | None]) -> jax.Array:
   """Output projection + residual, then the SwiGLU FFN + residual (shared by decode)."""
   dtype = DTYPES[cfg.dtype]
-  o = jnp.einsum("blhe,hed->bld", attn_BxLxHxE.astype(dtype), p["wo"].astype(dtype))
+  o = dense(attn_BxLxHxE.astype(dtype), p["wo"].astype(dtype), 2)
   x = x_BxLxD + _dropout(o, cfg.resid_dropout, rngs[0]).astype(jnp.float32)
   x = _constrain(x, ("act_batch", "act_seq", "act_embed"))
   h = rms_norm(x, p["ffn_norm"], cfg.norm_eps).astype(dtype)
-  g = jnp.einsum("bld,df->blf", h, p["w1"].astype(dtype))
-  u = jnp.einsum("bld,df->blf", h, p["w3"].astype(dtype))
+  g = dense(h, p["w1"].astype(dtype), 1)
+  u = dense(h, p["w3"].astype(dtype), 1)
   a = _constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
-  y = jnp.einsum("blf,fd->bld", a, p["w2"].astype(dtype))
+  y = dense(a, p["w2"].astype(dtype), 1)
   x = x + _dropout(y, cfg.ffn_dropout, rngs[1]).astype(jnp.float32)
   return _constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+
+def causal_attention(q_BxLxHxE: jax.Array, k_BxLxJxE: jax.Array, v_BxLxJxE: jax.Array) -> jax.Array:
+  """Causal softmax attention, attn_BxLxHxE; H may be a multiple of J (grouped-query attention).
+
+  `jax.nn.dot_product_attention` off CPU. On CPU the same math written out (float32 scores,
+  causal mask, softmax, weighted values), which XLA:CPU compiles to ~5-15% less time fwd + bwd
+  than the library's version; grouped-query heads are grouped rather than k/v repeated.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, is_causal=True)
+  b, l, h, e = q_BxLxHxE.shape
+  j = k_BxLxJxE.shape[2]
+  # Plain multi-head attention keeps 4-D contractions (faster code than a size-1 group axis).
+  q, qk, pv = ((q_BxLxHxE, "blhe,bmhe->bhlm", "bhlm,bmhe->blhe") if j == h else
+               (q_BxLxHxE.reshape(b, l, j, h // j, e), "blhge,bmhe->bhglm", "bhglm,bmhe->blhge"))
+  s = jnp.einsum(qk, q, k_BxLxJxE, preferred_element_type=jnp.float32)
+  s = jnp.where(np.tril(np.ones((l, l), bool)), s * np.float32(1.0 / math.sqrt(e)), -jnp.inf)
+  probs = jax.nn.softmax(s, axis=-1).astype(v_BxLxJxE.dtype)
+  return jnp.einsum(pv, probs, v_BxLxJxE).reshape(b, l, h, e)
 
 
 def _block(cfg: ModelConfig, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,
@@ -255,7 +294,7 @@ def _block(cfg: ModelConfig, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,
   dtype = DTYPES[cfg.dtype]
   h = rms_norm(x_BxLxD, p["attention_norm"], cfg.norm_eps)
   q, k, v = qkv_projection(p, h, table_Lx2, dtype)
-  attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  attn = causal_attention(q, k, v)
   rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
   return block_tail(p, cfg, x_BxLxD, attn, rngs)
 

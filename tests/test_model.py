@@ -228,6 +228,55 @@ def test_grouped_query_attention_shares_kv_heads_like_repeat_interleave():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_cpu_attention_equals_library_attention_and_its_gradients(kv_heads):
+  rng = np.random.default_rng(kv_heads)
+  q, dout = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(2, 16, kv_heads, 8)), jnp.float32) for _ in range(2))
+  lib = functools.partial(jax.nn.dot_product_attention, is_causal=True)
+
+  @_jit
+  def both(q, k, v):
+    return [jax.vjp(f, q, k, v) for f in (model_lib.causal_attention, lib)]
+
+  (ours, ours_vjp), (want, want_vjp) = both(q, k, v)
+  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
+  for got, ref in zip(ours_vjp(dout), want_vjp(dout)):
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_dense_equals_tensordot(n_in):
+  rng = np.random.default_rng(n_in)
+  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 5, 6)[2 - n_in:] + (7,)), jnp.float32)
+  np.testing.assert_allclose(model_lib.dense(x, w, n_in), jnp.tensordot(x, w, axes=n_in),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("p,chunks", [(1, 1), (1, 4), (2, 2)])
+def test_train_loss_and_gradients_equal_the_straightforward_formulation(tiny, p, chunks,
+                                                                         monkeypatch):
+  """train.loss_fn (fused, optionally chunked output loss; CPU attention and matmuls) against
+  patch_loss(model logits): same loss, same gradients for every parameter."""
+  from npp_jax import train
+  monkeypatch.setattr(patching, "auto_loss_chunks", lambda *_: chunks)
+  graphdef, state = tiny["graphdef"], tiny["state"]
+  batch = {"codes": tiny["codes"], "labels": tiny["labels"]}
+
+  def plain(s):
+    logits = nnx.merge(graphdef, s)(batch["codes"], batch["labels"], patch_size=p)
+    return patching.patch_loss(logits, patching.group_targets(batch["codes"], p))
+
+  ours, want = _jit(lambda s: [
+      jax.value_and_grad(lambda s: train.loss_fn(graphdef, s, batch, p, None))(s),
+      jax.value_and_grad(plain)(s)])(state)
+  np.testing.assert_allclose(ours[0], want[0], rtol=1e-6)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(ours[1]), jax.tree.leaves(want[1])):
+    assert np.abs(r).max() > 0, path
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * np.abs(r).max(), err_msg=str(path))
+
+
 # ----------------------------------------------------------------------------- reference parity
 
 @pytest.fixture(scope="module")
