@@ -273,19 +273,35 @@ def causal_attention(q_BxLxHxE: jax.Array, k_BxLxJxE: jax.Array, v_BxLxJxE: jax.
 
   `jax.nn.dot_product_attention` off CPU. On CPU the same math written out (float32 scores,
   causal mask, softmax, weighted values), which XLA:CPU compiles to ~5-15% less time fwd + bwd
-  than the library's version; grouped-query heads are grouped rather than k/v repeated.
+  than the library's version; grouped-query heads are grouped rather than k/v repeated. For
+  L >= 128 the queries are split in two halves and the first half only scores the first half of
+  the keys: the fully masked quarter of the L x L scores is never computed (~25% less attention
+  time fwd + bwd at L = 256; more blocks measured no better).
   """
   if jax.default_backend() != "cpu":
     return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, is_causal=True)
+  l = q_BxLxHxE.shape[1]
+  if l < 128 or l % 2:
+    return _causal_attention_block(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, 0)
+  c = l // 2
+  first = _causal_attention_block(q_BxLxHxE[:, :c], k_BxLxJxE[:, :c], v_BxLxJxE[:, :c], 0)
+  second = _causal_attention_block(q_BxLxHxE[:, c:], k_BxLxJxE, v_BxLxJxE, c)
+  return jnp.concatenate([first, second], axis=1)
+
+
+def _causal_attention_block(q_BxLxHxE: jax.Array, k_BxMxJxE: jax.Array, v_BxMxJxE: jax.Array,
+                            offset: int) -> jax.Array:
+  """Attention of the L queries at positions offset.. to the M keys at positions 0..M-1."""
   b, l, h, e = q_BxLxHxE.shape
-  j = k_BxLxJxE.shape[2]
+  m, j = k_BxMxJxE.shape[1], k_BxMxJxE.shape[2]
   # Plain multi-head attention keeps 4-D contractions (faster code than a size-1 group axis).
   q, qk, pv = ((q_BxLxHxE, "blhe,bmhe->bhlm", "bhlm,bmhe->blhe") if j == h else
                (q_BxLxHxE.reshape(b, l, j, h // j, e), "blhge,bmhe->bhglm", "bhglm,bmhe->blhge"))
-  s = jnp.einsum(qk, q, k_BxLxJxE, preferred_element_type=jnp.float32)
-  s = jnp.where(np.tril(np.ones((l, l), bool)), s * np.float32(1.0 / math.sqrt(e)), -jnp.inf)
-  probs = jax.nn.softmax(s, axis=-1).astype(v_BxLxJxE.dtype)
-  return jnp.einsum(pv, probs, v_BxLxJxE).reshape(b, l, h, e)
+  s = jnp.einsum(qk, q, k_BxMxJxE, preferred_element_type=jnp.float32)
+  causal_LxM = np.arange(m)[None, :] <= offset + np.arange(l)[:, None]
+  s = jnp.where(causal_LxM, s * np.float32(1.0 / math.sqrt(e)), -jnp.inf)
+  probs = jax.nn.softmax(s, axis=-1).astype(v_BxMxJxE.dtype)
+  return jnp.einsum(pv, probs, v_BxMxJxE).reshape(b, l, h, e)
 
 
 def _block(cfg: ModelConfig, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,

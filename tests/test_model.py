@@ -228,11 +228,12 @@ def test_grouped_query_attention_shares_kv_heads_like_repeat_interleave():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_cpu_attention_equals_library_attention_and_its_gradients(kv_heads):
+@pytest.mark.parametrize("kv_heads,length", [(4, 16), (2, 16), (1, 16), (4, 128), (2, 128)])
+def test_cpu_attention_equals_library_attention_and_its_gradients(kv_heads, length):
+  """Length 128 takes the split-queries path (the masked quarter of the scores skipped)."""
   rng = np.random.default_rng(kv_heads)
-  q, dout = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(2))
-  k, v = (jnp.asarray(rng.normal(size=(2, 16, kv_heads, 8)), jnp.float32) for _ in range(2))
+  q, dout = (jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32) for _ in range(2))
+  k, v = (jnp.asarray(rng.normal(size=(2, length, kv_heads, 8)), jnp.float32) for _ in range(2))
   lib = functools.partial(jax.nn.dot_product_attention, is_causal=True)
 
   @_jit
