@@ -49,7 +49,7 @@ from flax import nnx
 from npp_jax import checkpoint
 from npp_jax import model as model_lib
 from npp_jax import torch_pickle
-from npp_jax import vq
+from npp_jax import vq, vq_weights
 
 _PREFIXES = ("module.", "_orig_mod.")
 _IGNORED_GPT = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.")
@@ -280,7 +280,7 @@ def load_vq(path_or_state_dict: Mapping[str, Any] | PathLike, *,
 
   Layouts as `normalize_state_dict` (`{"model"}`, `{"module"}`, `{"state_dict"}`, `{"ema"}` with
   use_ema, raw; `module.`/`_orig_mod.` prefixes); the config (VQ-16, VQ-8, other widths) comes
-  from the shapes; `vq.load_vq_state_dict` checks every key strictly.
+  from the shapes; `vq_weights.load_vq_state_dict` checks every key strictly.
 
   Raises:
     ConversionError: listing every missing, unexpected or mis-shaped key, or an unreadable file.
@@ -291,7 +291,7 @@ def load_vq(path_or_state_dict: Mapping[str, Any] | PathLike, *,
     path_or_state_dict = read_checkpoint(path_or_state_dict)
   sd = normalize_state_dict(path_or_state_dict, use_ema=use_ema)
   try:
-    return vq.load_vq_state_dict(sd)
+    return vq_weights.load_vq_state_dict(sd)
   except ValueError as e:
     raise ConversionError(f"{source}: {e}") from None
 
@@ -353,7 +353,7 @@ def load_converted_gpt(path: PathLike, **overrides: Any) -> model_lib.Transforme
 def load_converted_vq(path: PathLike) -> vq.VQModel:
   """The VQ tokenizer saved by `convert_checkpoint(kind="vq")` in `path`."""
   config = vq.VQConfig(**_stored_config(path, vq.VQConfig, "VQ tokenizer"))
-  graphdef, abstract = nnx.split(vq.abstract_model(config))
+  graphdef, abstract = nnx.split(vq_weights.abstract_model(config))
   return nnx.merge(graphdef, checkpoint.load_params(path, abstract))
 
 

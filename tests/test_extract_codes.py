@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 
 from configs import extract_imagenet
-from npp_jax import data, extract_codes, image_sources, preprocess, vq
+from npp_jax import data, extract_codes, image_sources, preprocess, vq, vq_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VQ = vq.VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
@@ -32,7 +32,7 @@ def vq_path(tmp_path_factory):
   """A random tiny VQ as a reference-layout state dict .npz (what a converter would read)."""
   rng = np.random.default_rng(0)
   sd = {}
-  for key, shape in vq.expected_state_dict_shapes(TINY_VQ).items():
+  for key, shape in vq_weights.expected_state_dict_shapes(TINY_VQ).items():
     if len(shape) == 4:  # Conv weights, PyTorch's default init range.
       sd[key] = rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(np.prod(shape[1:]))
     elif "norm" in key and key.endswith("weight"):

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from npp_jax import vq
+from npp_jax import vq, vq_weights
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "llamagen_vq_small.npz"
 TAU = 1e-4  # Near-tie threshold for codes (fixture README section 2).
@@ -31,7 +31,7 @@ def fx():
   sd = {k: v for k, v in arrays.items() if not k.startswith("io/")}
   io = {k[3:]: v for k, v in arrays.items() if k.startswith("io/")}
   # Load through the wrapped, prefixed layout a DDP + torch.compile checkpoint could have.
-  model = vq.load_vq_state_dict({"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}})
+  model = vq_weights.load_vq_state_dict({"model": {f"module._orig_mod.{k}": v for k, v in sd.items()}})
   out = _encode(model, _nhwc(io["image"]))
   dec = _decode(model, io["codes"].astype(np.int32))
   return dict(sd=sd, io=io, model=model, out=jax.device_get(out), dec=np.asarray(dec))
@@ -146,7 +146,7 @@ def test_to_uint8_matches_reference_formula():
 # ----------------------------------------------------------------------------- VQ-16 shapes
 
 def test_vq16_shapes_and_parameter_count():
-  model = vq.abstract_model(vq.VQ_16)
+  model = vq_weights.abstract_model(vq.VQ_16)
   n_params = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
   assert n_params(model) == 71_883_403
   assert n_params(model.encoder) == 29_298_176
@@ -160,7 +160,7 @@ def test_vq16_shapes_and_parameter_count():
 
 
 def test_vq16_state_dict_keys_match_reference_listing():
-  shapes = vq.expected_state_dict_shapes(vq.VQ_16)
+  shapes = vq_weights.expected_state_dict_shapes(vq.VQ_16)
   assert len(shapes) == 343  # 344 reference keys minus the dropped codebook_used buffer.
   assert sum(int(np.prod(s)) for s in shapes.values()) == 71_883_403
   for key, shape in {  # Spot checks from the facts' Appendix A.
@@ -187,16 +187,16 @@ def test_vq16_state_dict_keys_match_reference_listing():
 
 def _fake_sd(config):
   # Zero-stride arrays: full reference shapes without allocating 72M floats.
-  shapes = vq.expected_state_dict_shapes(config)
+  shapes = vq_weights.expected_state_dict_shapes(config)
   sd = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}
   sd["quantize.codebook_used"] = np.zeros(65536, np.float32)
   return sd
 
 
 def test_config_inferred_from_vq16_shapes():
-  assert vq.vq_config_from_state_dict(_fake_sd(vq.VQ_16)) == vq.VQ_16
+  assert vq_weights.vq_config_from_state_dict(_fake_sd(vq.VQ_16)) == vq.VQ_16
   wrapped = {"model": {f"_orig_mod.{k}": v for k, v in _fake_sd(vq.VQ_16).items()}}
-  assert vq.vq_config_from_state_dict(wrapped) == vq.VQ_16
+  assert vq_weights.vq_config_from_state_dict(wrapped) == vq.VQ_16
 
 
 def test_config_inferred_from_vq8_shapes():
@@ -209,14 +209,14 @@ def test_config_inferred_from_vq8_shapes():
       sd[f"encoder.conv_blocks.{i}.res.{j}.conv1.weight"] = (128 * m, cin, 3, 3)
       cin = 128 * m
   sd = {k: np.broadcast_to(np.float32(0), s) for k, s in sd.items()}
-  assert vq.vq_config_from_state_dict(sd) == vq.VQ_8
+  assert vq_weights.vq_config_from_state_dict(sd) == vq.VQ_8
 
 
 def test_config_inferred_from_fixture(fx):
-  assert vq.vq_config_from_state_dict(fx["sd"]) == vq.VQConfig(
+  assert vq_weights.vq_config_from_state_dict(fx["sd"]) == vq.VQConfig(
       ch=64, ch_mult=(1, 2), num_res_blocks=2, z_channels=64, codebook_size=64,
       codebook_embed_dim=8)
-  assert fx["model"].config == vq.vq_config_from_state_dict(fx["sd"])
+  assert fx["model"].config == vq_weights.vq_config_from_state_dict(fx["sd"])
 
 
 def test_loaded_weights_are_transposed_reference_weights(fx):
@@ -237,7 +237,7 @@ def test_strict_loading_reports_every_problem_at_once(fx):
   sd["encoder.extra.weight"] = np.zeros(3, np.float32)
   sd["decoder.conv_blocks.0.upsample.conv.weight"] = np.zeros((128, 128, 1, 1), np.float32)
   with pytest.raises(ValueError) as err:
-    vq.load_vq_state_dict(sd)
+    vq_weights.load_vq_state_dict(sd)
   msg = str(err.value)
   for part in ("2 missing keys", "decoder.conv_out.bias", "encoder.mid.1.q.weight",
                "1 unexpected keys", "encoder.extra.weight", "1 shape mismatches",
@@ -248,7 +248,7 @@ def test_strict_loading_reports_every_problem_at_once(fx):
 
 def test_bad_inputs_raise_clear_errors(fx):
   with pytest.raises(ValueError, match="encoder.conv_in.weight"):
-    vq.vq_config_from_state_dict({"quantize.embedding.weight": np.zeros((4, 8))})
+    vq_weights.vq_config_from_state_dict({"quantize.embedding.weight": np.zeros((4, 8))})
   with pytest.raises(ValueError, match="ch_mult"):
     vq.VQConfig(ch=48)
   model = fx["model"]
