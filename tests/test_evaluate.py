@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import linalg, special
 
+from npp_jax import adm_metrics as adm
 from npp_jax import evaluate as ev
 
 
@@ -23,10 +24,10 @@ def _random_cov(rng, d, n=None):
 def test_fid_of_identical_statistics_is_zero():
   rng = np.random.default_rng(0)
   feats = rng.normal(size=(200, 16)).astype(np.float32)
-  mu, sigma = ev.compute_statistics(feats)
+  mu, sigma = adm.compute_statistics(feats)
   np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-6)
   np.testing.assert_allclose(sigma, np.cov(feats.astype(np.float64).T), rtol=1e-6)
-  assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+  assert abs(adm.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
 
 
 @settings(max_examples=30, deadline=None)
@@ -36,7 +37,7 @@ def test_fid_of_diagonal_gaussians_has_closed_form(d, seed):
   mu1, mu2 = rng.normal(size=d), rng.normal(size=d) * 3
   s1, s2 = rng.uniform(0.1, 5, size=d), rng.uniform(0.1, 5, size=d)
   expected = np.sum((mu1 - mu2)**2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
-  got = ev.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+  got = adm.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
   np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -50,8 +51,8 @@ def test_fid_matches_eigenvalue_formula_and_is_symmetric(d, seed):
   r1 = linalg.sqrtm(s1).real
   eig = np.clip(linalg.eigvalsh(r1 @ s2 @ r1), 0, None)
   expected = np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2 * np.sum(np.sqrt(eig))
-  fd12 = ev.frechet_distance(mu1, s1, mu2, s2)
-  fd21 = ev.frechet_distance(mu2, s2, mu1, s1)
+  fd12 = adm.frechet_distance(mu1, s1, mu2, s2)
+  fd21 = adm.frechet_distance(mu2, s2, mu1, s1)
   scale = np.trace(s1) + np.trace(s2)
   assert abs(fd12 - expected) < 1e-7 * scale
   assert abs(fd12 - fd21) < 1e-7 * scale
@@ -63,31 +64,31 @@ def test_fid_singular_product_retries_with_eps():
   sigma1, sigma2 = np.array([[0., 1.], [0., 0.]]), np.eye(2)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # scipy's LinAlgWarning about the singular matrix.
-    got = ev.frechet_distance(np.zeros(2), sigma1, np.zeros(2), sigma2, eps=eps)
+    got = adm.frechet_distance(np.zeros(2), sigma1, np.zeros(2), sigma2, eps=eps)
   np.testing.assert_allclose(got, 2 - 4 * np.sqrt(eps * (1 + eps)), rtol=1e-9)
 
 
 def test_fid_rejects_imaginary_root_and_mismatched_shapes():
   with pytest.raises(ValueError, match="imaginary"):
-    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+    adm.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
   with pytest.raises(ValueError, match="different shapes"):
-    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+    adm.frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
   with pytest.raises(ValueError, match="Covariances"):
-    ev.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3))
+    adm.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(3))
 
 
 # ----------------------------------------------------------------------------- Inception Score
 
 
 def test_inception_score_of_uniform_predictions_is_one():
-  assert ev.inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
-  assert ev.inception_score(np.zeros((7, 5)), from_logits=True) == pytest.approx(1.0, abs=1e-12)
+  assert adm.inception_score(np.full((100, 10), 0.1)) == pytest.approx(1.0, abs=1e-12)
+  assert adm.inception_score(np.zeros((7, 5)), from_logits=True) == pytest.approx(1.0, abs=1e-12)
 
 
 @pytest.mark.parametrize("num_classes", [1, 3, 10])
 def test_inception_score_of_evenly_spread_one_hot_is_num_classes(num_classes):
   probs = np.eye(num_classes)[np.arange(5 * num_classes) % num_classes]
-  assert ev.inception_score(probs) == pytest.approx(num_classes, rel=1e-12)
+  assert adm.inception_score(probs) == pytest.approx(num_classes, rel=1e-12)
 
 
 @settings(max_examples=20, deadline=None)
@@ -102,9 +103,9 @@ def test_inception_score_matches_kl_over_splits(n, c, split, seed):
     part = probs[i:i + split]
     kl = special.rel_entr(part, part.mean(0, keepdims=True)).sum(1)
     scores.append(np.exp(kl.mean()))
-  got = ev.inception_score(probs, split_size=split)
+  got = adm.inception_score(probs, split_size=split)
   np.testing.assert_allclose(got, np.mean(scores), rtol=1e-10)
-  np.testing.assert_allclose(ev.inception_score(logits, split, from_logits=True), got, rtol=1e-10)
+  np.testing.assert_allclose(adm.inception_score(logits, split, from_logits=True), got, rtol=1e-10)
   assert 1 - 1e-9 <= got <= c + 1e-9
 
 
@@ -131,24 +132,24 @@ def test_precision_recall_matches_brute_force(m, n, d, k, row, col, shift, seed)
   rng = np.random.default_rng(seed)
   ref = rng.integers(-4, 5, size=(m, d)).astype(np.float32)
   sample = (rng.integers(-4, 5, size=(n, d)) + shift).astype(np.float32)
-  got = ev.precision_recall(ref, sample, k=k, row_batch_size=row, col_batch_size=col)
+  got = adm.precision_recall(ref, sample, k=k, row_batch_size=row, col_batch_size=col)
   assert got == pytest.approx(_brute_force_pr(ref, sample, k), abs=1e-12)
 
 
 def test_precision_recall_of_identical_and_far_apart_sets():
   rng = np.random.default_rng(1)
   feats = rng.uniform(0, 2, size=(64, 32)).astype(np.float32)
-  assert ev.precision_recall(feats, feats) == (1.0, 1.0)
-  assert ev.precision_recall(feats, feats + 100, row_batch_size=16, col_batch_size=24) == (0., 0.)
+  assert adm.precision_recall(feats, feats) == (1.0, 1.0)
+  assert adm.precision_recall(feats, feats + 100, row_batch_size=16, col_batch_size=24) == (0., 0.)
   with pytest.raises(ValueError, match="more than 3"):
-    ev.precision_recall(feats[:3], feats)
+    adm.precision_recall(feats[:3], feats)
 
 
 def test_pairwise_distances_float16_and_float32_fallback():
   rng = np.random.default_rng(2)
   u, v = rng.uniform(0, 1, size=(20, 64)), rng.uniform(0, 1, size=(30, 64))
   exact = ((u[:, None] - v[None])**2).sum(-1)
-  got = ev.pairwise_sq_distances(u, v)
+  got = adm.pairwise_sq_distances(u, v)
   assert got.dtype == np.float32
   # float16 rounding (relative 2^-11 of the norms) is what ADM computes: close, not equal.
   np.testing.assert_allclose(got, exact, atol=0.1)
@@ -156,7 +157,7 @@ def test_pairwise_distances_float16_and_float32_fallback():
   # Norms over 65504 overflow float16, so the block is recomputed in float32.
   big_u, big_v = u * 100, v * 100
   exact_big = ((big_u[:, None] - big_v[None])**2).sum(-1)
-  np.testing.assert_allclose(ev.pairwise_sq_distances(big_u, big_v), exact_big, rtol=1e-4)
+  np.testing.assert_allclose(adm.pairwise_sq_distances(big_u, big_v), exact_big, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- npz input
@@ -307,12 +308,12 @@ def test_evaluate_end_to_end_and_precomputed_reference_statistics(fake_inception
                           "num_ref"}
   ref_pool, ref_spatial, _ = extractor.features(ref_images)
   pool, spatial, probs = extractor.features(sample_images)
-  fid = ev.frechet_distance(*ev.compute_statistics(pool), *ev.compute_statistics(ref_pool))
-  sfid = ev.frechet_distance(*ev.compute_statistics(spatial), *ev.compute_statistics(ref_spatial))
+  fid = adm.frechet_distance(*adm.compute_statistics(pool), *adm.compute_statistics(ref_pool))
+  sfid = adm.frechet_distance(*adm.compute_statistics(spatial), *adm.compute_statistics(ref_spatial))
   assert metrics["fid"] == pytest.approx(fid, rel=1e-5) and metrics["fid"] > 0
   assert metrics["sfid"] == pytest.approx(sfid, rel=1e-5) and metrics["sfid"] > 0
-  assert metrics["inception_score"] == pytest.approx(ev.inception_score(probs), rel=1e-6)
-  assert (metrics["precision"], metrics["recall"]) == ev.precision_recall(ref_pool, pool)
+  assert metrics["inception_score"] == pytest.approx(adm.inception_score(probs), rel=1e-6)
+  assert (metrics["precision"], metrics["recall"]) == adm.precision_recall(ref_pool, pool)
   assert (metrics["num_samples"], metrics["num_ref"]) == (10, 12)
 
   # A reference batch with precomputed statistics (as ADM's) uses them instead of its images'.
@@ -321,9 +322,9 @@ def test_evaluate_end_to_end_and_precomputed_reference_statistics(fake_inception
   np.savez(ref_path, ref_images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
   stats = ev.evaluate(ref_path, sample_path, extractor, batch_size=5)
   assert stats["fid"] == pytest.approx(
-      ev.frechet_distance(*ev.compute_statistics(pool), mu, sigma), rel=1e-5)
+      adm.frechet_distance(*adm.compute_statistics(pool), mu, sigma), rel=1e-5)
   assert stats["sfid"] == pytest.approx(
-      ev.frechet_distance(*ev.compute_statistics(spatial), mu_s, sigma_s), rel=1e-5)
+      adm.frechet_distance(*adm.compute_statistics(spatial), mu_s, sigma_s), rel=1e-5)
   assert stats["precision"] == metrics["precision"] and stats["recall"] == metrics["recall"]
 
   np.savez(ref_path, ref_images, mu=mu[:3], sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
