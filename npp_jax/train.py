@@ -176,14 +176,21 @@ def evaluate(config, path, graphdef, params, mesh) -> float | None:
   return total / max(count, 1.0)
 
 
+@functools.lru_cache(maxsize=2)
+def _grid_decoder(model_cfg, mesh, vq_checkpoint: str, builtin: str):
+  """The decoder of the training grids, built once per run: building a VQ decoder reads its
+  weights and compiles its decode function."""
+  from npp_jax import sample
+  return sample.make_decoder("auto", model_cfg, mesh, vq_checkpoint=vq_checkpoint, builtin=builtin)
+
+
 def sample_images(config, graphdef, params, mesh, step: int, per_class: int = 1):
   """A labelled grid of `per_class` CFG samples of each of config.sample.grid_classes, plus the
   decoded images and their labels (decoded with the VQ of config.sample.vq_checkpoint, or the
   digits palette)."""
   from npp_jax import sample
   model = nnx.merge(graphdef, params)
-  decoder = sample.make_decoder("auto", model.cfg, mesh, vq_checkpoint=config.sample.vq_checkpoint,
-                                builtin=config.data.builtin)
+  decoder = _grid_decoder(model.cfg, mesh, config.sample.vq_checkpoint, config.data.builtin)
   labels = np.repeat(np.asarray(config.sample.grid_classes, np.int32), per_class)
   pad = -len(labels) % sample.batch_shards(mesh)
   sampler = sample.make_sampler(model, mesh, **sample.options_from_config(config))
