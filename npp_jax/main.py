@@ -14,11 +14,12 @@ Run the same command on every worker of a TPU pod slice (launch/ does that). Fla
 """
 from __future__ import annotations
 
-import logging as logging_std
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from npp_jax import logs  # imports no JAX: JAX is imported after absl parsed the flags.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and logs go (local or gs://).")
@@ -33,14 +34,6 @@ _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/grain INFO 
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Drops INFO chatter of orbax and grain (dozens of lines per checkpoint); keeps warnings."""
-
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    noisy = any(f"{os.sep}{lib}{os.sep}" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= logging_std.WARNING or not noisy
-
-
 def _on_tpu_pod() -> bool:
   return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
@@ -49,7 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not _LIBRARY_LOGS.value:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logs.quiet_library_logs()
   import jax  # after absl parsed the flags, so JAX's own flags see the environment.
 
   if _COORDINATOR.value:

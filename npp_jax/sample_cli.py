@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as std_logging
 import os
 import time
 import zipfile
@@ -41,7 +40,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, sample, sharding
+from npp_jax import config_lib, logs, sample, sharding
 from npp_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -271,17 +270,10 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
   return dict(sampled=done, skipped=skipped, complete=True, out=str(out))
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's INFO chatter (dozens of lines per restore); keeps its warnings."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  logs.quiet_library_logs()
   for name in ("config", "checkpoint", "out"):
     if FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required.")
