@@ -1,7 +1,7 @@
 """npp_jax: Next Patch Prediction (NPP) in JAX/Flax NNX on a LlamaGen backbone."""
 import setuptools
 
-# Minor-range pins of a set tested together (see README, "Installation").
+# Minor-range pins of a set tested together (see README, "Quickstart"; `.ci/run` installs them).
 # orbax, grain and flax rename APIs between minor releases, so keep these tight.
 INSTALL_REQUIRES = [
     "jax>=0.10.2,<0.11",

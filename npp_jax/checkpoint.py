@@ -23,6 +23,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from npp_jax import logs
+
+# Harmless orbax warnings: a CheckpointManager step keeps _CHECKPOINT_METADATA at the step level,
+# so reading one item's metadata directly warns that the item has none; a read-only manager
+# announces the options it turned off.
+_NO_ITEM_METADATA = "Metadata file does not exist"
+_READ_ONLY_NOTES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint's arrays do not match the model or state it is restored into."""
@@ -115,7 +123,7 @@ class Checkpointer:
     try:
       # The manager's item_metadata() is None for items it has not saved or restored in this
       # process, so the state's metadata is read directly (no array is read).
-      with ocp.PyTreeCheckpointer() as ckptr:
+      with ocp.PyTreeCheckpointer() as ckptr, logs.dropped(_NO_ITEM_METADATA):
         saved = _metadata_tree(ckptr.metadata(step_dir / "state"))
       if _flat_shapes(saved):  # Empty when e.g. `_sharding` is damaged; the restore decides.
         check_compatible(saved, target_state, what=f"checkpoint {step_dir}")
@@ -208,14 +216,14 @@ def restore_params(workdir: epath.PathLike, target: Any, *, use_ema: bool = Fals
   """Only `params` (or `ema`) of a training workdir's latest step; the optimizer state is never
   read. `target` gives the shapes and shardings (arrays or ShapeDtypeStructs)."""
   workdir = epath.Path(workdir)
-  with ocp.CheckpointManager(workdir / "checkpoints",
-                             options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
+  with logs.dropped(*_READ_ONLY_NOTES), ocp.CheckpointManager(
+      workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint step in {workdir / 'checkpoints'}.")
   key = "ema" if use_ema else "params"
   path = workdir / "checkpoints" / str(step) / "state"
-  with ocp.PyTreeCheckpointer() as ckptr:
+  with ocp.PyTreeCheckpointer() as ckptr, logs.dropped(_NO_ITEM_METADATA):
     tree = _metadata_tree(ckptr.metadata(path))
     if key not in tree:
       raise ValueError(f"checkpoint {path} has no `{key}`" + (

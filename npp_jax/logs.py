@@ -1,13 +1,16 @@
 """Log hygiene shared by the CLIs: orbax and grain log dozens of INFO lines per checkpoint.
 
 Owns `quiet_library_logs`, which both `python -m npp_jax.main` and `python -m npp_jax.sample`
-install on absl's handler (unless `--library_logs`). Imports nothing heavy: `main` installs it
-before importing JAX.
+install on absl's handler (unless `--library_logs`), and `dropped`, which silences specific
+warnings known to be harmless around the calls that cause them. Imports nothing heavy: `main`
+installs the filter before importing JAX.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from typing import Iterator
 
 from absl import logging as absl_logging
 
@@ -34,3 +37,25 @@ def quiet_library_logs(libraries: tuple[str, ...] = NOISY_LIBRARIES) -> QuietLib
   f = QuietLibraries(libraries)
   handler.addFilter(f)
   return f
+
+
+class _DropPrefixes(logging.Filter):
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self._prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(self._prefixes)
+
+
+@contextlib.contextmanager
+def dropped(*prefixes: str, logger: str = "absl") -> Iterator[None]:
+  """Drops records of `logger` whose message starts with one of `prefixes` while active."""
+  f = _DropPrefixes(prefixes)
+  target = logging.getLogger(logger)
+  target.addFilter(f)
+  try:
+    yield
+  finally:
+    target.removeFilter(f)

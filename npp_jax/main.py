@@ -38,6 +38,10 @@ def _on_tpu_pod() -> bool:
   return bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
 
 
+def _vs_baseline(gap: float) -> str:
+  return f"{gap:.3f} lower" if gap >= 0 else f"{-gap:.3f} higher"
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -59,12 +63,15 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
   summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and summary.get("preempted"):
+    print(f"Preempted at step {summary['step']} (train loss {summary['train_loss']}): saved; run "
+          f"the same command again to resume.\n  checkpoints: {summary['workdir']}/checkpoints")
+  elif jax.process_index() == 0:
     print(f"Training finished at step {summary['step']} "
           f"(train loss {summary['train_loss']}, eval loss {summary['eval_loss']}).")
     if summary.get("unigram_loss") is not None and summary["eval_loss"] is not None:
       print(f"  validation loss {summary['eval_loss']:.3f} nats/token vs {summary['unigram_loss']:.3f} "
-            f"for the unigram baseline ({summary['unigram_loss'] - summary['eval_loss']:.3f} lower)")
+            f"for the unigram baseline ({_vs_baseline(summary['unigram_loss'] - summary['eval_loss'])})")
     if summary.get("sample_accuracy") is not None:
       print(f"  CFG samples (10 per class): a digit classifier agrees with the class on "
             f"{summary['sample_accuracy']:.0%}; grid: {summary['samples_png']}")

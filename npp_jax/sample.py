@@ -387,7 +387,12 @@ def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding
                      "weights (or pick decoder 'tokens' to see raw codes).")
   if mesh is None:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  decode = vq.make_decode_fn(load_vq(vq_checkpoint), mesh)
+  vq_model = load_vq(vq_checkpoint)
+  if vq_model.config.codebook_size != model_cfg.vocab_size:
+    raise ValueError(f"VQ checkpoint {vq_checkpoint} has a codebook of "
+                     f"{vq_model.config.codebook_size} codes but the model's vocab_size is "
+                     f"{model_cfg.vocab_size}: it is not this model's tokenizer.")
+  decode = vq.make_decode_fn(vq_model, mesh)
   shards = batch_shards(mesh)
 
   def fn(codes_BxN):
@@ -454,9 +459,12 @@ def options_from_config(config: ml_collections.ConfigDict, **overrides: Any) -> 
 
 
 if __name__ == "__main__":
-  from absl import app
+  from absl import app, flags
 
   from npp_jax import sample_cli
 
   sample_cli.define_flags()
+  # `--help` prints the CLI's usage (absl reads __main__'s docstring) and lists its flags.
+  __doc__ = sample_cli.__doc__
+  flags.adopt_module_key_flags(sample_cli)
   app.run(sample_cli.main)

@@ -147,7 +147,7 @@ def _write_atomic(path: epath.Path, write) -> None:
   tmp = path.parent / (path.name + ".tmp")
   with tmp.open("wb") as f:
     write(f)
-  tmp.rename(path)
+  tmp.replace(path)  # overwrites: a rerun may assemble samples.npz again (e.g. to add --png).
 
 
 def _check_run(out: epath.Path, settings: dict) -> None:
@@ -223,13 +223,15 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
   device_mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if mesh == "data"
                                    else dict(config.mesh))
   out = epath.Path(out)
-  all_labels = make_labels(num_samples, config.model.num_classes, seed, labels)
   model = load_model(config, checkpoint, use_ema=use_ema, mesh=device_mesh)
+  # The checkpoint's model_config.json wins over the config (load_model warns when they differ).
+  num_classes = model.cfg.num_classes
+  all_labels = make_labels(num_samples, num_classes, seed, labels)
   dec = sample.make_decoder(decoder, model.cfg, device_mesh,
                             vq_checkpoint=config.sample.vq_checkpoint, builtin=config.data.builtin)
   batch = per_device_batch * jax.device_count()
   num_chunks = -(-num_samples // batch)
-  pad_labels = np.arange(num_chunks * batch - num_samples) % config.model.num_classes
+  pad_labels = np.arange(num_chunks * batch - num_samples) % num_classes
   padded = np.concatenate([all_labels, pad_labels]).astype(np.int32)
   (out / "chunks").mkdir(parents=True, exist_ok=True)
   _check_run(out, dict(checkpoint=str(checkpoint), use_ema=use_ema, num_samples=num_samples,

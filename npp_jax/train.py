@@ -316,6 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return m
 
   pending, last, t_log, s_log = None, {}, time.time(), start
+  preempted_at = None
   try:
     for step in range(start, end):
       batch = data.global_batch(next(data_iter), step_fns.batch_shardings)
@@ -342,19 +343,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if preempted:
         logging.warning("Preemption notice at step %d: saved, exiting.", done)
         ckpt.wait()
+        preempted_at = done
         break
       if config.sample_every_steps and done % config.sample_every_steps == 0 and done < end:
         writer.write_images(done, {"samples": sample_images(
             config, graphdef, state["params"], mesh, done)[0][None]})
       if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
         writer.write_scalars(done, {"eval_loss": evaluate(config, path, graphdef, state["params"], mesh)})
-    eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
-    final = int(host(state["step"]))
-    if eval_loss is not None:
-      writer.write_scalars(final, {"eval_loss": eval_loss})
+    if preempted_at is None:
+      eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
+      final = int(host(state["step"]))
+      if eval_loss is not None:
+        writer.write_scalars(final, {"eval_loss": eval_loss})
   finally:
     ckpt.close()
     writer.flush()
+  if preempted_at is not None:
+    # Exit within the preemption grace period: the final eval and samples wait for the resumed
+    # run that finishes training.
+    summary = {"step": preempted_at, "train_loss": last.get("loss"), "preempted": True,
+               "training_cost": cost, "workdir": str(workdir)}
+    logging.info("Preempted: %s", json.dumps(summary))
+    summary["losses"] = dict(sorted(history.items()))
+    return summary
   baseline, report = None, {}
   if config.data.builtin == "digits":
     from npp_jax import digits

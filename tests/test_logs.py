@@ -36,3 +36,15 @@ def test_installed_once_on_the_absl_handler():
     for f in handler.filters[:]:
       if isinstance(f, logs.QuietLibraries) and f not in before:
         handler.removeFilter(f)
+
+
+def test_dropped_silences_only_its_prefixes_and_only_while_active(caplog):
+  log = logging.getLogger("absl")
+  with caplog.at_level(logging.WARNING, logger="absl"):
+    with logs.dropped("Metadata file does not exist", "Given directory"):
+      log.warning("Metadata file does not exist: %s", "/ckpt/3/state/_CHECKPOINT_METADATA")
+      log.warning("Given directory is read only=%s", "/ckpt")
+      log.warning("Something else at %s", "/ckpt")
+    log.warning("Metadata file does not exist: %s", "/ckpt/4/state/_CHECKPOINT_METADATA")
+  assert [r.getMessage() for r in caplog.records] == [
+      "Something else at /ckpt", "Metadata file does not exist: /ckpt/4/state/_CHECKPOINT_METADATA"]

@@ -169,6 +169,8 @@ def test_sigterm_inside_an_async_save_saves_and_exits(shards, reference, tmp_pat
   assert rc == 0 and elapsed < 60, (rc, elapsed, first[-3000:])
   stopped = int(re.search(r"Preemption notice at step (\d+): saved", first).group(1))
   assert 2 <= stopped < 12
+  # No final eval or sampling inside the grace period; the user is told to resume.
+  assert f"Preempted at step {stopped} " in first and "Training finished" not in first
   assert committed_steps(checkpoints)[-1] == stopped and not tmp_dirs(checkpoints)
   second = run_main(workdir, shards, devices=8, overrides={**NO_EVAL, "ckpt.every_steps": 1})
   assert second.returncode == 0, second.stderr[-3000:]

@@ -407,6 +407,14 @@ def test_cli_writes_adm_npz_resumes_and_writes_a_grid(cli_setup):
     np.testing.assert_array_equal(z["labels"], labels)
   png = np.asarray(Image.open(root / "resumed" / "png" / "000019.png"))
   np.testing.assert_array_equal(png, images[19])
+  # Run again on the finished directory (e.g. to add a grid): nothing is sampled again and the
+  # .npz is rewritten in place.
+  again = sample_cli.run(config, ckpt, root / "resumed", grid=True, grid_per_class=1, **kw)
+  assert (again["sampled"], again["skipped"], again["complete"]) == (0, 3, True)
+  assert (root / "resumed" / "grid.png").exists()
+  assert not list((root / "resumed").glob("*.tmp"))
+  with np.load(root / "resumed" / "samples.npz") as z:
+    np.testing.assert_array_equal(z["arr_0"], images)
   with pytest.raises(ValueError, match="other settings.*seed"):
     sample_cli.run(config, ckpt, root / "resumed", **dict(kw, seed=4))
 
@@ -422,3 +430,18 @@ def test_cli_labels_and_bad_input(cli_setup):
     sample_cli.run(config, ckpt, root / "bad", num_samples=4, top_p=2.0)
   with pytest.raises(FileNotFoundError, match="neither"):
     sample_cli.run(config, str(root / "missing"), root / "bad", num_samples=4)
+  # The checkpoint's model_config.json (10 classes) decides the labels, not a config saying 4.
+  fewer = config.copy_and_resolve_references()
+  fewer.model.num_classes = 4
+  sample_cli.run(fewer, ckpt, root / "classes", num_samples=20, per_device_batch=1)
+  with np.load(root / "classes" / "samples.npz") as z:
+    assert np.bincount(z["labels"], minlength=10).tolist() == [2] * 10
+
+
+def test_vq_decoder_must_match_the_vocabulary(cli_setup):
+  config, _, _ = cli_setup
+  model_cfg = config_lib.model_config(config)
+  other = dataclasses.replace(model_cfg, vocab_size=model_cfg.vocab_size + 1)
+  with pytest.raises(ValueError, match=f"codebook of {model_cfg.vocab_size} codes but the "
+                                       f"model's vocab_size is {other.vocab_size}"):
+    sample.make_decoder("vq", other, vq_checkpoint=config.sample.vq_checkpoint)
