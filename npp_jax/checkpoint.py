@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any
 
 import grain
@@ -38,6 +39,14 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointReadError(ValueError):
   """A checkpoint step exists but cannot be read (damaged, truncated, or not written by us)."""
+
+
+def as_path(path: epath.PathLike) -> epath.Path:
+  """`path` as an epath, absolute when local: orbax refuses relative paths at save time (after
+  the steps before the first checkpoint have run) and misreads them when loading."""
+  if "://" in os.fspath(path):
+    return epath.Path(path)
+  return epath.Path(os.path.abspath(os.fspath(path)))
 
 
 def _abstract(tree: Any) -> Any:
@@ -82,7 +91,7 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: epath.PathLike, *, keep: int, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    self.directory = as_path(workdir) / "checkpoints"
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -182,7 +191,7 @@ def _check_json_files(step_dir: epath.Path) -> None:
 
 def save_params(path: epath.PathLike, params: Any, *, model_config: dict | None = None) -> None:
   """Writes a params-only checkpoint (what `config.ckpt.init_from` and the sampler read)."""
-  path = epath.Path(path)
+  path = as_path(path)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path / "params", params, force=True)
     ckptr.wait_until_finished()
@@ -192,7 +201,7 @@ def save_params(path: epath.PathLike, params: Any, *, model_config: dict | None 
 
 def read_model_config(path: epath.PathLike) -> dict | None:
   """The model config stored beside a params checkpoint, if any."""
-  f = epath.Path(path) / "model_config.json"
+  f = as_path(path) / "model_config.json"
   return json.loads(f.read_text()) if f.exists() else None
 
 
@@ -202,7 +211,7 @@ def load_params(path: epath.PathLike, target_params: Any) -> Any:
   Raises CheckpointMismatchError naming every mismatched key before reading any array, and
   FileNotFoundError naming the path when there is no checkpoint.
   """
-  path = epath.Path(path) / "params"
+  path = as_path(path) / "params"
   if not path.exists():
     raise FileNotFoundError(f"no params checkpoint at {path} (write one with npp_jax.convert or "
                             f"checkpoint.save_params).")
@@ -215,7 +224,7 @@ def load_params(path: epath.PathLike, target_params: Any) -> Any:
 def restore_params(workdir: epath.PathLike, target: Any, *, use_ema: bool = False) -> Any:
   """Only `params` (or `ema`) of a training workdir's latest step; the optimizer state is never
   read. `target` gives the shapes and shardings (arrays or ShapeDtypeStructs)."""
-  workdir = epath.Path(workdir)
+  workdir = as_path(workdir)
   with logs.dropped(*_READ_ONLY_NOTES), ocp.CheckpointManager(
       workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
     step = mngr.latest_step()

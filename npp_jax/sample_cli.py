@@ -74,7 +74,8 @@ def define_flags() -> None:
 # ---------------------------------------------------------------------------------------------
 # Loading weights: params checkpoints and training workdirs.
 # ---------------------------------------------------------------------------------------------
-def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None) -> model_lib.ModelConfig:
+def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None,
+               where: str = "") -> model_lib.ModelConfig:
   """The config's ModelConfig without dropout; a stored model_config.json sets the architecture
   (compute dtype, remat and scan unrolling stay the config's: they are choices of this run)."""
   cfg = config_lib.model_config(config, **sample.NO_DROPOUT)
@@ -82,7 +83,9 @@ def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None) -> model_
     return cfg
   unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(model_lib.ModelConfig)})
   if unknown:
-    raise ValueError(f"model_config.json has unknown fields {unknown}.")
+    hint = (" It describes a VQ tokenizer: pass it as config.sample.vq_checkpoint, and a GPT "
+            "checkpoint as --checkpoint." if "codebook_size" in stored else "")
+    raise ValueError(f"{where}model_config.json has fields no GPT model has: {unknown}.{hint}")
   keep = set(sample.NO_DROPOUT) | {"dtype", "remat", "scan_unroll"}
   arch = {k: v for k, v in stored.items() if k not in keep}
   differ = {k: (getattr(cfg, k), v) for k, v in arch.items() if getattr(cfg, k) != v}
@@ -118,7 +121,7 @@ def load_model(config: ml_collections.ConfigDict, checkpoint: str, *, use_ema: b
   elif (path / "params").exists():
     if use_ema:
       raise ValueError(f"use_ema: {checkpoint} is a params-only checkpoint, not a workdir.")
-    cfg = _model_cfg(config, ckpt_lib.read_model_config(path))
+    cfg = _model_cfg(config, ckpt_lib.read_model_config(path), where=f"{path}/")
     graphdef, target = _abstract_state(cfg, mesh)
     state = ckpt_lib.load_params(path, target)
   else:
@@ -145,8 +148,13 @@ def make_labels(num_samples: int, num_classes: int, seed: int, mode: str) -> np.
 
 def _write_atomic(path: epath.Path, write) -> None:
   tmp = path.parent / (path.name + ".tmp")
-  with tmp.open("wb") as f:
-    write(f)
+  try:
+    with tmp.open("wb") as f:
+      write(f)
+  except BaseException:
+    if tmp.exists():
+      tmp.unlink()
+    raise
   tmp.replace(path)  # overwrites: a rerun may assemble samples.npz again (e.g. to add --png).
 
 
@@ -154,7 +162,11 @@ def _check_run(out: epath.Path, settings: dict) -> None:
   """Records the settings on the first run; refuses to resume a run made with other settings."""
   f = out / "run.json"
   if f.exists():
-    old = json.loads(f.read_text())
+    try:
+      old = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ValueError(f"{f} is not valid JSON ({e}); delete it (or OUT) to start the run "
+                       f"again.") from e
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
       raise ValueError(f"{f} was written with other settings ({{field: (then, now)}}: {diff}); "
@@ -164,8 +176,12 @@ def _check_run(out: epath.Path, settings: dict) -> None:
 
 
 def _load_chunk(path: epath.Path, expected: int) -> dict[str, np.ndarray]:
-  with path.open("rb") as f, np.load(f) as z:
-    chunk = {k: z[k] for k in z.files}
+  try:
+    with path.open("rb") as f, np.load(f) as z:
+      chunk = {k: z[k] for k in z.files}
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f"chunk {path} cannot be read ({type(e).__name__}: {e}); delete it to "
+                     f"sample it again.") from e
   images = chunk.get("images")
   if images is None or images.dtype != np.uint8 or len(images) != expected or images.ndim != 4:
     raise ValueError(f"chunk {path} is malformed (expected {expected} uint8 images); delete it "
@@ -218,6 +234,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
   opts = sample.options_from_config(config, **sampling_overrides)
   if per_device_batch < 1:
     raise ValueError(f"per_device_batch={per_device_batch} must be >= 1.")
+  if grid and grid_per_class < 1:
+    raise ValueError(f"grid_per_class={grid_per_class} must be >= 1.")
   if mesh not in ("data", "config"):
     raise ValueError(f"mesh={mesh!r} must be 'data' or 'config'.")
   device_mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if mesh == "data"

@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     A summary: final step, last train loss, eval loss, the schedule's cost ratio, compile count.
   """
-  workdir = epath.Path(workdir)
+  workdir = ckpt_lib.as_path(workdir)
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
   mesh = sharding.make_mesh(dict(config.mesh))
   if jax.process_index() == 0:

@@ -438,6 +438,28 @@ def test_cli_labels_and_bad_input(cli_setup):
     assert np.bincount(z["labels"], minlength=10).tolist() == [2] * 10
 
 
+def test_cli_damaged_files_are_named(cli_setup):
+  config, ckpt, root = cli_setup
+  kw = dict(num_samples=8, per_device_batch=1, seed=5)  # one chunk of 8
+  out = root / "damaged"
+  sample_cli.run(config, ckpt, out, **kw)
+  chunk = out / "chunks" / "chunk_00000.npz"
+  chunk.write_bytes(chunk.read_bytes()[:100])  # truncated by a crash of the disk, say
+  (out / "samples.npz").unlink()
+  with pytest.raises(ValueError, match=f"chunk {chunk} cannot be read.*delete it"):
+    sample_cli.run(config, ckpt, out, **kw)
+  assert not list(out.glob("*.tmp"))  # the failed assembly left no temporary file
+  (out / "run.json").write_text("{not json")
+  with pytest.raises(ValueError, match="run.json is not valid JSON"):
+    sample_cli.run(config, ckpt, out, **kw)
+  with pytest.raises(ValueError, match="grid_per_class=0"):
+    sample_cli.run(config, ckpt, root / "nogrid", grid=True, grid_per_class=0, **kw)
+  vq_dir = root / "vq_as_gpt"  # a tokenizer's model_config.json where a GPT's is expected
+  ckpt_lib.save_params(vq_dir, {"w": np.zeros(2)}, model_config={"codebook_size": 64, "z_channels": 4})
+  with pytest.raises(ValueError, match="fields no GPT model has.*config.sample.vq_checkpoint"):
+    sample_cli.load_model(config, str(vq_dir))
+
+
 def test_vq_decoder_must_match_the_vocabulary(cli_setup):
   config, _, _ = cli_setup
   model_cfg = config_lib.model_config(config)

@@ -53,6 +53,34 @@ def test_exact_resume(shards, full_run, tmp_path):
   assert third["eval_loss"] == full_run[0]["eval_loss"]
 
 
+def test_relative_workdir_saves_and_resumes(shards, full_run, tmp_path, monkeypatch):
+  """orbax refuses relative paths at save time and misreads them at load time: a relative
+  workdir (and params checkpoint) must train, save, resume and load like an absolute one."""
+  monkeypatch.chdir(tmp_path)
+  config = smoke_config(shards)
+  first = train.train_and_evaluate(config, "rel", max_steps=4)
+  second = train.train_and_evaluate(config, "rel", max_steps=2)
+  assert second["workdir"] == str(tmp_path / "rel")
+  assert {**first["losses"], **second["losses"]} == {
+      k: v for k, v in full_run[0]["losses"].items() if k < 6}
+  target = ckpt_lib.restore_params(tmp_path / "rel", train_params_like(config))
+  ckpt_lib.save_params("params_rel", target)
+  loaded = ckpt_lib.load_params("params_rel", target)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+                                   loaded, target))
+
+
+def train_params_like(config):
+  """Abstract params of the smoke model (shapes only)."""
+  from flax import nnx
+
+  from npp_jax import config_lib
+  from npp_jax import model as model_lib
+  model = nnx.eval_shape(lambda: model_lib.Transformer(config_lib.model_config(config),
+                                                       rngs=nnx.Rngs(0)))
+  return nnx.state(model, nnx.Param)
+
+
 @pytest.mark.slow
 def test_restore_8_devices_onto_1(shards, full_run, tmp_path):
   """A checkpoint written on 8 devices resumes on 1 device and continues the same run."""
