@@ -46,6 +46,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
   Returns:
     The distance (FID for pool features, sFID for spatial features).
+
+  Raises:
+    ValueError: on mismatched shapes, non-finite inputs, or a square root that stays non-finite
+      after the retry or has a large imaginary part.
   """
   mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
   sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -54,6 +58,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(f"Covariances have shapes {sigma1.shape} and {sigma2.shape}; "
                      f"expected {mu1.shape * 2} for means of shape {mu1.shape}.")
+  # Without this, a NaN mean gives a NaN distance and a NaN covariance a LinAlgError in sqrtm.
+  for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+    bad = a.size - np.count_nonzero(np.isfinite(a))
+    if bad:
+      raise ValueError(f"Frechet distance: {name} has {bad} non-finite value(s).")
   diff = mu1 - mu2
   # ADM passes disp=False, which only silences a printed warning; SciPy 1.16 deprecated it.
   covmean = linalg.sqrtm(sigma1.dot(sigma2))
@@ -62,6 +71,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
                     "estimates", eps)
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if not np.isfinite(covmean).all():  # ADM would return NaN here.
+      raise ValueError(f"Frechet distance: sqrtm(sigma1 sigma2) is not finite even with {eps} "
+                       f"added to the diagonals (are the covariances PSD?).")
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ValueError(f"Frechet distance: sqrtm(sigma1 sigma2) has an imaginary component "

@@ -28,9 +28,11 @@ S spatial width (17*17*7), C classes (1008).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import zipfile
+import zlib
 from typing import Any, Iterator, Protocol
 
 from absl import logging
@@ -45,6 +47,11 @@ SPATIAL_TENSOR = "mixed_6/conv:0"
 SOFTMAX_MATMUL = "softmax/logits/MatMul"
 SPATIAL_CHANNELS = 7
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+PR_K = 3  # ADM's k for the k-NN manifolds of precision/recall.
+# Precision/recall needs more than k images in each batch (a covariance needs only 2).
+MIN_IMAGES = PR_K + 1
+# What numpy and zipfile raise on a damaged member (bad CRC, bad deflate stream, bad npy header).
+_CORRUPT_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError)
 
 
 # ----------------------------------------------------------------------------- Inception network
@@ -132,9 +139,26 @@ class FeatureExtractor:
 
 
 def _check_images(dtype, shape, what: str) -> None:
-  if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
-    raise ValueError(f"{what}: images must be uint8 N x H x W x 3 with N >= 1, "
+  if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or min(shape[:3]) < 1:
+    raise ValueError(f"{what}: images must be uint8 N x H x W x 3 with N, H, W >= 1, "
                      f"got {np.dtype(dtype).name} {tuple(shape)}.")
+
+
+def _check_npz_path(path: str) -> None:
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"npz path is a directory, not a file: {path}")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"npz file not found: {path}")
+
+
+@contextlib.contextmanager
+def _reading(path: str, key: str):
+  """Re-raises a damaged member's error (which names neither) with the npz path and the key."""
+  try:
+    yield
+  except _CORRUPT_ERRORS as e:
+    raise ValueError(f"{path}: cannot read {key!r} (member {key}.npy), the npz is damaged or "
+                     f"not written by np.savez: {e}") from e
 
 
 class NpzImages:
@@ -146,18 +170,17 @@ class NpzImages:
 
   def __init__(self, path: str):
     self.path = path
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"npz file not found: {path}")
+    _check_npz_path(path)
     try:
       with zipfile.ZipFile(path) as zf:
-        if "arr_0.npy" not in zf.namelist():
-          keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-          raise ValueError(f"{path} has no 'arr_0' array of images (keys: {keys}).")
-        with zf.open("arr_0.npy") as f:
-          self._header = _read_npy_header(f)
+        names = zf.namelist()
     except zipfile.BadZipFile as e:
       raise ValueError(f"{path} is not an .npz (zip) file: {e}") from e
-    self.shape, fortran_order, dtype = self._header
+    if "arr_0.npy" not in names:
+      keys = [n[:-4] for n in names if n.endswith(".npy")]
+      raise ValueError(f"{path} has no 'arr_0' array of images (keys: {keys}).")
+    with _reading(path, "arr_0"), zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+      self.shape, fortran_order, dtype = _read_npy_header(f)
     _check_images(dtype, self.shape, f"{path} arr_0")
     self._streamable = not fortran_order
 
@@ -167,17 +190,20 @@ class NpzImages:
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     """Yields uint8 arrays of at most `batch_size` images, in order."""
     if not self._streamable:
-      with np.load(self.path) as npz:
+      with _reading(self.path, "arr_0"), np.load(self.path, allow_pickle=False) as npz:
         images = npz["arr_0"]
       for i in range(0, len(images), batch_size):
         yield images[i:i + batch_size]
       return
     row = int(np.prod(self.shape[1:]))
     with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-      _read_npy_header(f)
+      with _reading(self.path, "arr_0"):
+        _read_npy_header(f)
       for i in range(0, self.shape[0], batch_size):
         bs = min(batch_size, self.shape[0] - i)
-        data = f.read(bs * row)
+        # A bad CRC shows only when the member's last byte is read, i.e. in the last batch.
+        with _reading(self.path, "arr_0"):
+          data = f.read(bs * row)
         if len(data) != bs * row:
           raise ValueError(f"{self.path}: arr_0 is truncated at image {i}.")
         yield np.frombuffer(data, np.uint8).reshape((bs, *self.shape[1:]))
@@ -194,15 +220,56 @@ def _read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def read_statistics(path: str) -> tuple[tuple[np.ndarray, np.ndarray],
                                         tuple[np.ndarray, np.ndarray]] | None:
-  """Precomputed ((mu, sigma), (mu_s, sigma_s)) of an npz, or None when it has no `mu` (ADM)."""
+  """Precomputed ((mu_D, sigma_DxD), (mu_s_S, sigma_s_SxS)) of an npz, or None without `mu` (ADM).
+
+  Raises:
+    ValueError naming the file and the key when a statistic is missing, unreadable, not a
+    numeric (float or integer) array, misshapen, not finite, or a sigma is not symmetric with a
+    non-negative diagonal. Integer statistics are returned as float64.
+  """
+  _check_npz_path(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path} is not an .npz (zip) file.")
   with np.load(path, allow_pickle=False) as npz:
     if "mu" not in npz.files:
       return None
     missing = [k for k in STAT_KEYS if k not in npz.files]
     if missing:
       raise ValueError(f"{path} has 'mu' but lacks the statistics {missing}.")
-    mu, sigma, mu_s, sigma_s = (npz[k] for k in STAT_KEYS)
-  return (mu, sigma), (mu_s, sigma_s)
+    arrays = {}
+    for key in STAT_KEYS:
+      with _reading(path, key):
+        arrays[key] = npz[key]
+  return (_valid_stats(path, arrays, "mu", "sigma"), _valid_stats(path, arrays, "mu_s", "sigma_s"))
+
+
+def _valid_stats(path: str, arrays: dict[str, np.ndarray], mu_key: str, sigma_key: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of `arrays`, checked as a Gaussian's statistics (see `read_statistics`)."""
+  for key in (mu_key, sigma_key):
+    a = arrays[key]
+    if not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+      raise ValueError(f"{path}: {key!r} must be a float or integer array, got dtype {a.dtype}.")
+    if np.issubdtype(a.dtype, np.integer):
+      arrays[key] = a.astype(np.float64)
+  mu, sigma = arrays[mu_key], arrays[sigma_key]
+  if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+    raise ValueError(f"{path}: {mu_key!r} and {sigma_key!r} must be D and D x D, got shapes "
+                     f"{mu.shape} and {sigma.shape}.")
+  for key, a in ((mu_key, mu), (sigma_key, sigma)):
+    bad = a.size - np.count_nonzero(np.isfinite(a))
+    if bad:
+      raise ValueError(f"{path}: {key!r} has {bad} non-finite value(s) (NaN or inf).")
+  # A covariance is symmetric with non-negative variances; anything else makes sqrtm meaningless.
+  asym = float(np.max(np.abs(sigma - sigma.T), initial=0))
+  if asym > 1e-5 * float(np.max(np.abs(sigma), initial=0)):
+    raise ValueError(f"{path}: {sigma_key!r} is not symmetric (max |sigma - sigma^T| = "
+                     f"{asym:.3g}), so it is not a covariance.")
+  negative = np.count_nonzero(np.diagonal(sigma) < 0)
+  if negative:
+    raise ValueError(f"{path}: {sigma_key!r} has {negative} negative diagonal values (variances), "
+                     f"so it is not a covariance.")
+  return mu, sigma
 
 
 class Extractor(Protocol):
@@ -233,6 +300,29 @@ def _check_stats(stats, dim: int, path: str, keys: str) -> None:
                      f"but the Inception features are {dim}-d.")
 
 
+def open_batch(path: str) -> tuple[NpzImages, tuple[tuple[np.ndarray, np.ndarray],
+                                                    tuple[np.ndarray, np.ndarray]] | None]:
+  """The images and the validated precomputed statistics (or None) of an ADM batch npz.
+
+  Everything that can be checked without the Inception network is checked here, so a bad file
+  fails before the slow pass: path, zip, `arr_0` header, image count (at least `MIN_IMAGES`)
+  and the statistics (`read_statistics`).
+  """
+  images = NpzImages(path)
+  if len(images) < MIN_IMAGES:
+    raise ValueError(f"{path}: 'arr_0' holds {len(images)} image(s), but the ADM metrics need at "
+                     f"least {MIN_IMAGES}: precision/recall with k={PR_K} needs more than {PR_K} "
+                     f"images per batch (and a covariance at least 2).")
+  return images, read_statistics(path)
+
+
+def _check_finite(path: str, what: str, **arrays: np.ndarray) -> None:
+  for name, a in arrays.items():
+    bad = np.size(a) - np.count_nonzero(np.isfinite(a))
+    if bad:
+      raise ValueError(f"{path}: {what} {name!r} has {bad} non-finite value(s).")
+
+
 def evaluate(ref_npz: str, sample_npz: str, extractor: Extractor, *, batch_size: int = 64
              ) -> dict[str, float | int]:
   """Scores a sample npz against a reference npz exactly as ADM's evaluator does.
@@ -248,12 +338,21 @@ def evaluate(ref_npz: str, sample_npz: str, extractor: Extractor, *, batch_size:
     batch_size: images read from the npz and passed to the extractor at a time.
 
   Returns:
-    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'num_samples', 'num_ref'}.
+    {'inception_score', 'fid', 'sfid', 'precision', 'recall', 'num_samples', 'num_ref'}, all
+    finite.
+
+  Raises:
+    ValueError naming the npz (and its key) for a bad input: before the Inception pass for
+    anything `open_batch` checks, during it for a damaged `arr_0` whose CRC only fails at its end;
+    also for non-finite features or metrics.
   """
-  ref_images, sample_images = NpzImages(ref_npz), NpzImages(sample_npz)
-  ref_stats, sample_stats = read_statistics(ref_npz), read_statistics(sample_npz)
+  ref_images, ref_stats = open_batch(ref_npz)
+  sample_images, sample_stats = open_batch(sample_npz)
   ref_pool, ref_spatial, _ = npz_features(ref_images, extractor, batch_size)
   sample_pool, sample_spatial, sample_probs = npz_features(sample_images, extractor, batch_size)
+  _check_finite(ref_npz, "Inception features", pool=ref_pool, spatial=ref_spatial)
+  _check_finite(sample_npz, "Inception features", pool=sample_pool, spatial=sample_spatial,
+                probs=sample_probs)
   for path, stats, pool, spatial in ((ref_npz, ref_stats, ref_pool, ref_spatial),
                                      (sample_npz, sample_stats, sample_pool, sample_spatial)):
     if stats is not None:
@@ -263,16 +362,19 @@ def evaluate(ref_npz: str, sample_npz: str, extractor: Extractor, *, batch_size:
     ref_stats = compute_statistics(ref_pool), compute_statistics(ref_spatial)
   if sample_stats is None:
     sample_stats = compute_statistics(sample_pool), compute_statistics(sample_spatial)
-  precision, recall = precision_recall(ref_pool, sample_pool)
-  return {
+  precision, recall = precision_recall(ref_pool, sample_pool, k=PR_K)
+  metrics = {
       "inception_score": inception_score(sample_probs),
       "fid": frechet_distance(*sample_stats[0], *ref_stats[0]),
       "sfid": frechet_distance(*sample_stats[1], *ref_stats[1]),
       "precision": precision,
       "recall": recall,
-      "num_samples": len(sample_images),
-      "num_ref": len(ref_images),
   }
+  # A NaN score must never be printed or written as a result.
+  bad = [k for k, v in metrics.items() if not np.isfinite(v)]
+  if bad:
+    raise ValueError(f"Metrics {bad} of {sample_npz} against {ref_npz} are not finite: {metrics}.")
+  return {**metrics, "num_samples": len(sample_images), "num_ref": len(ref_images)}
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -295,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   for path in (args.ref_batch, args.sample_batch):
-    NpzImages(path)  # Fails on a bad npz before the slow graph import.
+    open_batch(path)  # Fails on a bad npz before the slow graph import.
   extractor = FeatureExtractor(args.inception, batch_size=args.batch_size)
   metrics = evaluate(args.ref_batch, args.sample_batch, extractor, batch_size=args.batch_size)
   text = format_metrics(metrics)
@@ -305,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f.write(text + "\n")
   with open(stem + ".json", "w") as f:
     json.dump({"ref_batch": args.ref_batch, "sample_batch": args.sample_batch, **metrics}, f,
-              indent=2)
+              indent=2, allow_nan=False)  # `evaluate` already rejects NaN; JSON has none.
   return metrics
 
 

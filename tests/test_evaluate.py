@@ -3,6 +3,7 @@ checks, and the TF2 feature path end to end on a tiny fake Inception GraphDef.""
 import json
 import os
 import warnings
+import zipfile
 
 from hypothesis import given, settings, strategies as st
 import numpy as np
@@ -203,6 +204,166 @@ def test_npz_bad_inputs_name_the_file(tmp_path):
     ev.read_statistics(str(tmp_path / "partial.npz"))
 
 
+class _NoInception:
+  """An extractor that fails the test if the (slow) Inception pass is ever reached."""
+
+  def features(self, images_NxHxWx3):
+    raise AssertionError(f"Inception pass ran on {images_NxHxWx3.shape}; the input check is late.")
+
+
+class _StubExtractor:
+  """Deterministic finite features of any images: pool 4-d, spatial 3-d, probs over 5 classes."""
+
+  def __init__(self, nan_in=None):
+    self.nan_in = nan_in
+
+  def features(self, images_NxHxWx3):
+    x = images_NxHxWx3.reshape(len(images_NxHxWx3), -1).astype(np.float64) / 255
+    pool, spatial = x[:, :4], x[:, 4:7]
+    probs = special.softmax(x[:, :5], axis=1)
+    out = dict(pool=pool, spatial=spatial, probs=probs)
+    if self.nan_in:
+      out[self.nan_in] = np.where(np.arange(len(x))[:, None] == 1, np.nan, out[self.nan_in])
+    return out["pool"], out["spatial"], out["probs"]
+
+
+def _flip_byte(path, member, frac=0.5):
+  """Flips one byte of a zip member's stored data (at `frac` of it), leaving its CRC stale."""
+  with zipfile.ZipFile(path) as zf:
+    info = zf.getinfo(member)
+  raw = bytearray(open(path, "rb").read())
+  o = info.header_offset
+  name_len, extra_len = (int.from_bytes(raw[o + i:o + i + 2], "little") for i in (26, 28))
+  pos = o + 30 + name_len + extra_len + int(frac * info.compress_size)
+  raw[pos] ^= 0xFF
+  open(path, "wb").write(bytes(raw))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("which", ["ref", "samples"])
+def test_too_few_images_fail_before_the_inception_pass(tmp_path, n, which):
+  rng = np.random.default_rng(8)
+  paths = {w: str(tmp_path / f"{w}.npz") for w in ("ref", "samples")}
+  for w, path in paths.items():
+    np.savez(path, _images(rng, n if w == which else 10, 8, 8))
+  with pytest.raises(ValueError, match=f"'arr_0' holds {n} image.*at least {ev.MIN_IMAGES}") as e:
+    ev.evaluate(paths["ref"], paths["samples"], _NoInception())
+  assert paths[which] in str(e.value)
+  # The CLI checks before it even loads the graph (a missing .pb would say FileNotFoundError).
+  with pytest.raises(ValueError, match=f"{which}.npz: 'arr_0' holds {n}"):
+    ev.main([paths["ref"], paths["samples"], f"--inception={tmp_path / 'absent.pb'}"])
+  np.savez(paths[which], _images(rng, ev.MIN_IMAGES, 8, 8))
+  assert len(ev.open_batch(paths[which])[0]) == ev.MIN_IMAGES
+
+
+def _stats(d=4, ds=3):
+  return dict(mu=np.zeros(d), sigma=np.eye(d), mu_s=np.ones(ds), sigma_s=2 * np.eye(ds))
+
+
+def _with(key, fn):
+  stats = _stats()
+  stats[key] = fn(stats[key])
+  return stats
+
+
+_BAD_STATS = {
+    "nan_mu": (_with("mu", lambda a: a + [np.nan, 0, 0, 0]), "'mu' has 1 non-finite"),
+    "nan_sigma": (_with("sigma", lambda a: np.diag([np.nan] * 3 + [1.])), "'sigma' has 3 non-f"),
+    "inf_sigma_s": (_with("sigma_s", lambda a: np.full_like(a, np.inf)),
+                    "'sigma_s' has 9 non-finite"),
+    "str_mu": (_with("mu", lambda a: np.array(["a", "b", "c", "d"])), "'mu' must be a float or"),
+    "bool_mu_s": (_with("mu_s", lambda a: a > 0), "'mu_s' must be a float or integer"),
+    "object_mu": (_with("mu", lambda a: np.array([1, "x", None, 2.0], object)),
+                  r"cannot read 'mu' \(member mu.npy\).*allow_pickle"),
+    "rank_mu_s": (_with("mu_s", lambda a: a[None]), "'mu_s' and 'sigma_s' must be D and D x D"),
+    "shape_sigma": (_with("sigma", lambda a: a[:3]), "'mu' and 'sigma' must be D and D x D"),
+    "asymmetric": (_with("sigma", lambda a: a + np.triu(np.ones_like(a), 1)),
+                   "'sigma' is not symmetric"),
+    "negative_var": (_with("sigma_s", lambda a: -a), "'sigma_s' has 3 negative diagonal"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_STATS))
+def test_bad_precomputed_statistics_fail_before_the_inception_pass(tmp_path, case):
+  stats, msg = _BAD_STATS[case]
+  rng = np.random.default_rng(9)
+  ref_path, sample_path = str(tmp_path / "REF.npz"), str(tmp_path / "samples.npz")
+  np.savez(ref_path, _images(rng, 5, 8, 8), **stats)
+  np.savez(sample_path, _images(rng, 5, 8, 8))
+  with pytest.raises(ValueError, match=msg) as e:
+    ev.evaluate(ref_path, sample_path, _NoInception())
+  assert str(e.value).startswith(ref_path)
+
+
+def test_good_precomputed_statistics_are_read_as_numbers(tmp_path):
+  path = str(tmp_path / "ref.npz")
+  stats = _stats()
+  stats["mu"] = np.arange(4)  # Integer statistics are numbers too.
+  stats["sigma_s"] = np.float32(stats["sigma_s"])
+  np.savez(path, _images(np.random.default_rng(10), 4, 8, 8), **stats)
+  (mu, sigma), (mu_s, sigma_s) = ev.read_statistics(path)
+  assert mu.dtype == np.float64 and sigma_s.dtype == np.float32
+  np.testing.assert_array_equal(mu, np.arange(4))
+  np.testing.assert_array_equal(sigma, np.eye(4))
+  np.testing.assert_array_equal(mu_s, np.ones(3))
+
+
+def test_non_finite_features_or_metrics_never_reach_the_output(tmp_path, monkeypatch):
+  rng = np.random.default_rng(11)
+  ref_path, sample_path = str(tmp_path / "ref.npz"), str(tmp_path / "samples.npz")
+  np.savez(ref_path, _images(rng, 20, 8, 8))
+  np.savez(sample_path, _images(rng, 20, 8, 8))
+  metrics = ev.evaluate(ref_path, sample_path, _StubExtractor(), batch_size=6)
+  assert all(np.isfinite(v) for v in metrics.values())
+  # The stub puts NaN in the 2nd image of each of the 4 batches (6, 6, 6, 2).
+  with pytest.raises(ValueError, match=r"samples.npz: Inception features 'probs' has 20 non-f"):
+    ev.evaluate(ref_path, sample_path, _StubExtractor(nan_in="probs"), batch_size=6)
+  with pytest.raises(ValueError, match=r"ref.npz: Inception features 'spatial' has 12 non-f"):
+    ev.evaluate(ref_path, sample_path, _StubExtractor(nan_in="spatial"), batch_size=6)
+  with pytest.raises(ValueError, match="mu1 has 2 non-finite"):
+    adm.frechet_distance(np.array([np.nan, np.inf]), np.eye(2), np.zeros(2), np.eye(2))
+  # Should a metric still come out NaN, the CLI fails and writes neither .txt nor .json.
+  monkeypatch.setattr(ev, "FeatureExtractor", lambda *a, **k: _StubExtractor())
+  monkeypatch.setattr(ev, "inception_score", lambda probs: float("nan"))
+  with pytest.raises(ValueError, match=r"\['inception_score'\] of .*samples.npz.*not finite"):
+    ev.main([ref_path, sample_path, "--inception=unused.pb"])
+  assert not (tmp_path / "samples.json").exists() and not (tmp_path / "samples.txt").exists()
+
+
+def test_damaged_npz_members_are_named(tmp_path):
+  rng = np.random.default_rng(12)
+  for save in (np.savez, np.savez_compressed):
+    path = str(tmp_path / f"crc_{save.__name__}.npz")
+    save(path, _images(rng, 11))
+    _flip_byte(path, "arr_0.npy", frac=0.9)
+    # Whether zlib or the CRC check notices, the error names the file and the member.
+    with pytest.raises(ValueError, match=r"cannot read 'arr_0' \(member arr_0.npy\)") as e:
+      list(ev.NpzImages(path).batches(4))
+    assert path in str(e.value)
+  path = str(tmp_path / "magic.npz")
+  with zipfile.ZipFile(path, "w") as zf:  # A well-formed zip whose member is no .npy.
+    zf.writestr("arr_0.npy", b"NOTNUMPY" + bytes(200))
+  with pytest.raises(ValueError, match=r"magic.npz: cannot read 'arr_0'.*magic string"):
+    ev.NpzImages(path)
+  path = str(tmp_path / "stats.npz")
+  np.savez(path, _images(rng, 5, 8, 8), **_stats())
+  _flip_byte(path, "sigma.npy", frac=0.9)
+  with pytest.raises(ValueError, match=r"stats.npz: cannot read 'sigma'.*CRC"):
+    ev.read_statistics(path)
+
+
+def test_zero_size_images_and_directories_are_rejected_up_front(tmp_path):
+  for shape in [(5, 0, 0, 3), (5, 4, 0, 3), (5, 0, 4, 3)]:
+    path = str(tmp_path / "empty.npz")
+    np.savez(path, np.zeros(shape, np.uint8))
+    with pytest.raises(ValueError, match=r"empty.npz arr_0: .*N, H, W >= 1"):
+      ev.NpzImages(path)
+  (tmp_path / "dir.npz").mkdir()
+  for read in (ev.NpzImages, ev.read_statistics, ev.open_batch):
+    with pytest.raises(IsADirectoryError, match="is a directory.*dir.npz"):
+      read(str(tmp_path / "dir.npz"))
+
+
 # ----------------------------------------------------------------------------- TF feature path
 
 _POOL_DIM, _NUM_CLASSES, _SPATIAL_CH = 16, 10, 9
@@ -291,6 +452,8 @@ def test_feature_extractor_rejects_bad_graphs_and_images(fake_inception, tmp_pat
     ev.FeatureExtractor(str(tmp_path / "nope.pb"))
   with pytest.raises(ValueError, match="uint8 N x H x W x 3"):
     extractor.features(np.zeros((2, 8, 8, 3), np.float32))
+  with pytest.raises(ValueError, match="N, H, W >= 1"):  # Before TF's "non-zero size" error.
+    extractor.features(np.zeros((2, 0, 0, 3), np.uint8))
 
 
 # 10 samples give singular 448-d spatial covariances; scipy warns, ADM's formula still applies.
@@ -327,8 +490,8 @@ def test_evaluate_end_to_end_and_precomputed_reference_statistics(fake_inception
       adm.frechet_distance(*adm.compute_statistics(spatial), mu_s, sigma_s), rel=1e-5)
   assert stats["precision"] == metrics["precision"] and stats["recall"] == metrics["recall"]
 
-  np.savez(ref_path, ref_images, mu=mu[:3], sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
-  with pytest.raises(ValueError, match=r"ref.npz: statistics \(mu, sigma\)"):
+  np.savez(ref_path, ref_images, mu=mu[:3], sigma=sigma[:3, :3], mu_s=mu_s, sigma_s=sigma_s)
+  with pytest.raises(ValueError, match=r"ref.npz: statistics \(mu, sigma\).*16-d"):
     ev.evaluate(ref_path, sample_path, extractor)
 
   # The CLI prints ADM's lines and writes them next to the samples.
