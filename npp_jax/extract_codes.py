@@ -1,6 +1,7 @@
 """ImageNet -> VQ codes of every view of every image -> token shards, resumably, on all hosts.
 
-Owns the extraction run: VQ checkpoint loading, the unit plan and its resumability, batched encoding, and the final check.
+Owns the extraction run: config checks, VQ checkpoint loading, the unit plan and its
+resumability, batched encoding, and the final check.
 The image sources (tfds ArrayRecord data sources, ImageNet-style folders) are
 `npp_jax.image_sources`, the pixel pipeline `npp_jax.preprocess`, the shard format `npp_jax.data`.
 
@@ -17,9 +18,11 @@ manifest, and is done once its marker `extract_units/{split}-{u:05d}.json` exist
 the writer closed, with the unit's record count and label range). Process p of P does the units
 u with u % P == p, skipping done ones, so a restart (even with another process count) redoes
 only unfinished units, and the output files do not depend on the process count. The run's plan
-(split sizes, U, shard header) is stored in `extract_plan.json`; a restart with a different plan
-is refused. After a barrier, process 0 checks every unit's marker against the plan and the
-sources (record counts, labels in range), calls `data.finalize`, and re-opens every split.
+(split sizes, U, shard header) is stored in `extract_plan.json`, written before anything else
+once the config is checked; a restart with a different plan is refused (naming the differing
+keys), and so is a non-empty output directory without a plan (someone else's files). After a
+barrier, process 0 checks every unit's marker against the plan and the sources (record counts,
+labels in range), calls `data.finalize`, and re-opens every split.
 
 Encoding runs on this process's local devices (`vq.make_encode_fn` over a mesh of
 `jax.local_devices()`, batch split over them): units need no cross-process lockstep, so processes
@@ -71,6 +74,56 @@ def load_vq_model(path: str) -> vq.VQModel:
   return convert.load_vq_checkpoint(path)
 
 
+# ----------------------------------------------------------------------------- config
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming `config.<key>` for a value the run cannot use (no I/O).
+
+  Run before anything is written, so a corrected rerun is never refused by a plan recorded from
+  the bad value (image_size vs the tokenizer and the mesh vs the devices are checked later, but
+  also before the plan is written).
+  """
+  get = config.get  # A missing key reads None and is reported like a wrong value.
+
+  def get_int(key, minimum, note=""):
+    v = get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+      raise ValueError(f"config.{key}={v!r} must be an int >= {minimum}{note}")
+    return v
+
+  if not get("out"):
+    raise ValueError("config.out is empty (an output directory, local or gs://)")
+  size = get_int("image_size", 1, " (pixels of each view)")
+  ten = get("ten_crop")
+  if not isinstance(ten, bool):
+    raise ValueError(f"config.ten_crop={ten!r} must be True or False")
+  if ten:  # Without ten-crop the crop ranges are unused (and not recorded).
+    ranges = get("crop_ranges")
+    if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Sequence) or not ranges:
+      raise ValueError(f"config.crop_ranges={ranges!r} must be a non-empty sequence of crop "
+                       f"ranges >= 1, e.g. (1.1, 1.05), when config.ten_crop is True")
+    for r in ranges:
+      ok = not isinstance(r, bool) and isinstance(r, (int, float)) and math.isfinite(r)
+      if not ok or int(size * r) < size:
+        raise ValueError(f"config.crop_ranges={tuple(ranges)!r}: {r!r} is not a number >= 1 "
+                         f"(the crop int(image_size * range) must be >= config.image_size={size})")
+    if len({float(r) for r in ranges}) != len(ranges):
+      raise ValueError(f"config.crop_ranges={tuple(ranges)!r} repeats a crop range (its views "
+                       f"would be stored twice)")
+  get_int("records_per_shard", 1, " (images per unit and shard file)")
+  get_int("batch_size_per_device", 1, " (images per device per step)")
+  get_int("num_threads", 0, " (0 = min(32, CPU count))")
+  get_int("prefetch_batches", 1, " (batches decoded ahead of the encoder)")
+  every = get("log_every_seconds")
+  if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
+    raise ValueError(f"config.log_every_seconds={every!r} must be a number >= 0")
+
+
+def _local_abspath(path: str) -> str:
+  """An absolute path for a local path, so its spelling does not change the plan; URLs as is."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 # ----------------------------------------------------------------------------- plan and units
 
 @dataclasses.dataclass(frozen=True)
@@ -102,23 +155,107 @@ def make_plan(split_sizes: Mapping[str, int], records_per_shard: int,
   return Plan(dict(split_sizes), num_units, dict(header))
 
 
-def _check_or_write_plan(out: epath.Path, plan: Plan, process_index: int) -> None:
-  """Refuses an output directory planned differently; process 0 writes the plan if absent."""
+_ABSENT = object()  # A key missing on one side of a plan comparison.
+
+
+def _leaf_diffs(have: Any, want: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted key, planned value, new value) of every leaf where two JSON values differ."""
+  if isinstance(have, dict) and isinstance(want, dict):
+    diffs = []
+    for k in sorted(set(have) | set(want), key=str):
+      key = f"{where}.{k}" if where else str(k)
+      diffs += _leaf_diffs(have.get(k, _ABSENT), want.get(k, _ABSENT), key)
+    return diffs
+  if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
+    return [d for i, (h, w) in enumerate(zip(have, want))
+            for d in _leaf_diffs(h, w, f"{where}[{i}]")]
+  return [] if have == want else [(where, have, want)]
+
+
+def _show(value: Any, limit: int = 100) -> str:
+  """JSON of a plan value, its middle elided past `limit` (paths differ mostly at the end)."""
+  text = "(absent)" if value is _ABSENT else json.dumps(value)
+  half = (limit - 3) // 2
+  return text if len(text) <= limit else f"{text[:half]}...{text[-half:]}"
+
+
+def _plan_mismatch(path: epath.Path, out: epath.Path, have: Any, want: dict[str, Any]) -> str:
+  """The error for an output directory planned differently: what differs and how to go on."""
+  diffs = _leaf_diffs(have, want) if isinstance(have, dict) else [("(whole plan)", have, want)]
+  why = {"num_units": " (from config.records_per_shard)"}
+  shown = "; ".join(f"{k}{why.get(k, '')}: planned {_show(h)}, now {_show(w)}"
+                    for k, h, w in diffs[:8])
+  if len(diffs) > 8:
+    shown += f"; and {len(diffs) - 8} more"
+  hint = ""
+  if any(k.startswith("split_sizes") for k, _, _ in diffs):
+    hint = ("A split's images changed since (files added, removed or renamed): restore them "
+            "exactly (fix or replace an unreadable image instead of deleting it). ")
+  return (f"config.out={out} was planned differently ({path.name}), so the run cannot resume "
+          f"there: {shown}. {hint}To resume, rerun with the config and images the plan records; "
+          f"to start over, delete {out} or use another config.out.")
+
+
+def _plan_problem(out: epath.Path, plan: Plan, write: bool) -> str | None:
+  """Why `out` cannot take this plan, else None; writes the plan if absent and `write`.
+
+  An output directory is ours if it holds our plan file. A non-empty one without it holds
+  someone else's files (e.g. other token shards with the same file names): refused before
+  anything is written.
+  """
   path = out / PLAN_FILE
   want = plan.to_json()
-  if path.exists():
+  if not path.exists():
+    if out.exists() and not out.is_dir():
+      return f"config.out={out} exists and is not a directory"
+    tmp_prefix = f".{PLAN_FILE}.tmp-"  # A concurrent writer's plan, about to appear.
+    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    names = [n for n in names if not n.startswith(tmp_prefix)]
+    if not names:
+      if write:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, want)
+      return None
+    if not path.exists():  # Checked again: another process may have written it meanwhile.
+      few = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
+      return (f"config.out={out} is not empty ({few}) but holds no {PLAN_FILE}, so it is not an "
+              f"extraction output and its files could be overwritten; refusing to write there. "
+              f"Use a new or empty directory for config.out (or delete {out} if its contents "
+              f"are not needed).")
+  try:
     have = json.loads(path.read_text())
-    if have != want:
-      diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-      if "header" in diff:
-        h, w = have.get("header", {}), want["header"]
-        diff += [f"header.{k}" for k in sorted(set(h) | set(w)) if h.get(k) != w.get(k)]
-      raise ValueError(f"{path}: this output directory was planned differently (fields {diff} "
-                       f"differ: other splits, sizes, records_per_shard, views, tokenizer or "
-                       f"source); rerun with the same config or use a new config.out")
-  elif process_index == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, want)
+  except json.JSONDecodeError as e:
+    return (f"{path}: unreadable plan ({e}); delete config.out={out} (or use another one) to "
+            f"start over")
+  return None if have == want else _plan_mismatch(path, out, have, want)
+
+
+def _check_or_write_plan(out: epath.Path, plan: Plan, process_index: int) -> None:
+  """Refuses `out` if planned differently or holding foreign files, else writes the plan if absent.
+
+  With several JAX processes, process 0 checks and writes, and tells the others (a collective),
+  which then compare with the plan written. Processes simulated within one JAX process (tests)
+  each check and write (the same bytes).
+  """
+  multi = jax.process_count() > 1
+  problem, error = None, None
+  if process_index == 0 or not multi:
+    try:
+      problem = _plan_problem(out, plan, write=True)
+    except Exception as e:  # E.g. storage errors: told to the other processes, then raised.
+      if not multi:
+        raise
+      error = e
+  if multi:
+    ok = int(multihost_utils.broadcast_one_to_all(np.int32(problem is None and error is None)))
+    if error is not None:
+      raise error
+    if not ok and problem is None:
+      problem = f"process 0 refused config.out={out}; its log says why"
+    if problem is None and process_index != 0:
+      problem = _plan_problem(out, plan, write=False)
+  if problem is not None:
+    raise ValueError(problem)
 
 
 def _marker_path(out: epath.Path, split: str, unit: int) -> epath.Path:
@@ -214,7 +351,7 @@ def _shard_header(sources: Mapping[str, ImageSource], model: vq.VQModel,
       "view_names": names,
       "view_layout": layout,
       "preprocessing": "PIL RGB decode, ADM center_crop_arr, ToTensor, Normalize(0.5, 0.5)",
-      "tokenizer": {"checkpoint": str(config.vq_checkpoint),
+      "tokenizer": {"checkpoint": _local_abspath(str(config.vq_checkpoint)),
                     "config": dataclasses.asdict(cfg)},
   }
   return dict(grid_size=size // cfg.downsample_factor, vocab_size=cfg.codebook_size,
@@ -303,9 +440,16 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
   num_p = jax.process_count() if process_count is None else process_count
   if not 0 <= p < num_p:
     raise ValueError(f"process_index={p} outside [0, process_count={num_p})")
-  if not config.out:
-    raise ValueError("config.out is empty (an output directory, local or gs://)")
+  check_config(config)
   out = epath.Path(config.out)
+  try:
+    mesh = sharding.make_mesh(dict(config.mesh), list(devices or jax.local_devices()))
+  except ValueError as e:
+    raise ValueError(f"config.mesh={dict(config.mesh)}: {e}") from e
+  if mesh.shape["tensor"] != 1:
+    raise ValueError(f"config.mesh.tensor={mesh.shape['tensor']} must be 1: the tokenizer is "
+                     f"replicated and only the batch is split")
+  step_images = config.batch_size_per_device * mesh.devices.size
   sources = dict(open_sources(config) if sources is None else sources)
   for split in sources:
     if not _SPLIT_RE.fullmatch(split):  # data.ShardWriter's rule, checked before any work.
@@ -313,15 +457,10 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
   model = load_vq_model(config.vq_checkpoint)
   header = _shard_header(sources, model, config)
   plan = make_plan({s: len(src) for s, src in sources.items()}, config.records_per_shard, header)
+  # The writers' own header check, run now (it does no I/O) so it cannot fail after the plan.
+  data.ShardWriter(out, next(iter(sources)), records_per_shard=1, **plan.header)
   _check_or_write_plan(out, plan, p)
 
-  mesh = sharding.make_mesh(dict(config.mesh), list(devices or jax.local_devices()))
-  if mesh.shape["tensor"] != 1:
-    raise ValueError(f"config.mesh.tensor={mesh.shape['tensor']} must be 1: the tokenizer is "
-                     f"replicated and only the batch is split")
-  if config.batch_size_per_device < 1:
-    raise ValueError(f"config.batch_size_per_device={config.batch_size_per_device} must be >= 1")
-  step_images = config.batch_size_per_device * mesh.devices.size
   size, num_classes = header["extra"]["image_size"], header["num_classes"]
   encode = vq.make_encode_fn(model, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -334,7 +473,15 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
 
   def load(item):
     split, index = item
-    image, label, name = sources[split].load(index)
+    try:
+      image, label, name = sources[split].load(index)
+    except SourceError as e:
+      raise SourceError(
+          f"{e}. Replace or repair this image, then rerun to resume. Do not delete it: that "
+          f"changes the image count of split {split!r}, which the plan in {out / PLAN_FILE} "
+          f"fixes, so such a rerun is refused (it would have to start over in an empty "
+          f"config.out)"
+      ) from e
     if not 0 <= label < num_classes:
       raise SourceError(f"{name}: label {label} outside [0, num_classes={num_classes})")
     views = preprocess.image_views(image, size, header["extra"]["crop_ranges"],
@@ -345,7 +492,7 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
   progress = _Progress(len(items), float(config.log_every_seconds))
   pool = concurrent.futures.ThreadPoolExecutor(config.num_threads or min(32, os.cpu_count() or 1))
   try:
-    examples = _prefetch(load, items, pool, max(1, config.prefetch_batches) * step_images)
+    examples = _prefetch(load, items, pool, config.prefetch_batches * step_images)
     for split, unit in todo:
       start, end = plan.unit_range(split, unit)
       with data.ShardWriter(out, split, process_index=unit, records_per_shard=max(1, end - start),

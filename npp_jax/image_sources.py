@@ -69,7 +69,8 @@ class FolderSource:
                           f"{', '.join(IMG_EXTENSIONS)})")
       labels += [label] * (len(self._paths) - before)
     self._labels = np.asarray(labels, np.int32)
-    self.description = f"folder:{root}"
+    # Absolute, so that the extraction plan does not depend on how the path was spelled.
+    self.description = f"folder:{os.path.abspath(root)}"
 
   def __len__(self) -> int:
     return len(self._paths)

@@ -341,10 +341,6 @@ def test_bad_config_and_changed_plan(folder, vq_path, tmp_path, clean_run, share
     extract_codes.extract(_config(folder, vq_path, tmp_path / "a", splits=("train", "validation")))
   with pytest.raises(FileNotFoundError, match="missing.npz"):
     extract_codes.extract(_config(folder, str(tmp_path / "missing.npz"), tmp_path / "a"))
-  with pytest.raises(ValueError, match="config.mesh.tensor=2"):
-    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", mesh={"data": -1, "tensor": 2}))
-  with pytest.raises(ValueError, match="image_size=30 is not a multiple"):
-    extract_codes.extract(_config(folder, vq_path, tmp_path / "a", image_size=30))
   other = tmp_path / "other_classes"
   (other / "n09").mkdir(parents=True)
   Image.new("RGB", (8, 8)).save(other / "n09" / "x.JPEG")
@@ -357,10 +353,102 @@ def test_bad_config_and_changed_plan(folder, vq_path, tmp_path, clean_run, share
   # Resuming into the clean run's directory with another unit size is refused.
   out = tmp_path / "copy"
   shutil.copytree(clean_run[0], out)
-  with pytest.raises(ValueError, match=r"planned differently \(fields \['num_units'\]"):
+  with pytest.raises(ValueError, match=r"planned differently .*: num_units \(from "
+                     r"config.records_per_shard\): planned 4, now 3\. To resume"):
     extract_codes.extract(_config(folder, vq_path, out, records_per_shard=5))
-  with pytest.raises(ValueError, match="header.extra"):
+  with pytest.raises(ValueError, match=r"header\.extra\.crop_ranges\[0\]: planned 1\.1, now 1\.2; "
+                     r"header\.extra\.crop_sizes\[0\]: planned 35, now 38"):
     extract_codes.extract(_config(folder, vq_path, out, crop_ranges=(1.2, 1.05)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"crop_ranges": ()}, r"config\.crop_ranges=\(\) must be a non-empty sequence"),
+    ({"crop_ranges": (1.1, 0.9)}, r"config\.crop_ranges=\(1\.1, 0\.9\): 0\.9 is not a number >= 1"),
+    ({"crop_ranges": (1.1, 1.1)}, r"config\.crop_ranges=\(1\.1, 1\.1\) repeats"),
+    ({"image_size": 0}, r"config\.image_size=0 must be an int >= 1"),
+    ({"image_size": 30}, r"config\.image_size=30 is not a multiple of the tokenizer's"),
+    ({"num_threads": -1}, r"config\.num_threads=-1 must be an int >= 0"),
+    ({"batch_size_per_device": 0}, r"config\.batch_size_per_device=0 must be an int >= 1"),
+    ({"records_per_shard": 0}, r"config\.records_per_shard=0 must be an int >= 1"),
+    ({"prefetch_batches": 0}, r"config\.prefetch_batches=0 must be an int >= 1"),
+    ({"log_every_seconds": -1.0}, r"config\.log_every_seconds=-1\.0 must be a number >= 0"),
+    ({"mesh": {"data": -1, "fsdp": 3}}, r"config\.mesh=.*does not divide 8 devices"),
+    ({"mesh": {"data": -1, "tensor": 2}}, r"config\.mesh\.tensor=2 must be 1"),
+    ({"out": ""}, r"config\.out is empty"),
+])
+def test_bad_config_value_names_the_key_and_writes_nothing(folder, vq_path, tmp_path, overrides,
+                                                           message):
+  """Refused before the plan is written, so the corrected rerun is not 'planned differently'."""
+  config = _config(folder, vq_path, tmp_path / "codes")
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    extract_codes.extract(config)
+  assert not (tmp_path / "codes").exists()
+
+
+def test_crop_ranges_unused_without_ten_crop(folder, vq_path, tmp_path):
+  extract_codes.check_config(_config(folder, vq_path, tmp_path, ten_crop=False, crop_ranges=()))
+
+
+def _tree(root):
+  return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_foreign_output_directory_is_refused_untouched(folder, vq_path, tmp_path):
+  from npp_jax import digits
+  out = digits.build_digits_shards(tmp_path / "digits")  # Also writes train-00000-00000...
+  before = _tree(pathlib.Path(out))
+  with pytest.raises(ValueError, match=r"config\.out=\S*/digits is not empty \(manifests, "
+                     r"metadata\.json, train-00000-00000\.array_record, .*\) but holds no "
+                     r"extract_plan\.json"):
+    extract_codes.extract(_config(folder, vq_path, out))
+  assert _tree(pathlib.Path(out)) == before
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(ValueError, match=r"config\.out=\S*/a_file exists and is not a directory"):
+    extract_codes.extract(_config(folder, vq_path, tmp_path / "a_file"))
+
+
+def test_bad_image_says_replace_not_delete_and_rerun_resumes(folder, vq_path, tmp_path,
+                                                             shared_encode):
+  root, out = tmp_path / "train", tmp_path / "codes"
+  shutil.copytree(folder, root)
+  out.mkdir()  # An existing empty directory is fine.
+  bad = root / "n01" / "a0.JPEG"  # Sorts first: the first image loaded.
+  bad.symlink_to(tmp_path / "gone.JPEG")
+  config = _config(root, vq_path, out)
+  devices = jax.devices()[:1]
+  with pytest.raises(image_sources.SourceError, match=r"n01/a0\.JPEG: cannot read .*Replace or "
+                     r"repair this image, then rerun to resume\. Do not delete it"):
+    extract_codes.extract(config, devices=devices)
+  bad.unlink()
+  bad.write_bytes(b"")  # Still bad, but the same images: the plan accepts the rerun.
+  with pytest.raises(image_sources.SourceError, match=r"a0\.JPEG: cannot decode image.*Replace"):
+    extract_codes.extract(config, devices=devices)
+  bad.unlink()
+  with pytest.raises(ValueError, match=r"split_sizes\.train: planned 14, now 13\. A split's "
+                     r"images changed .* restore them .* to start over, delete \S*/codes or use "
+                     r"another config\.out"):
+    extract_codes.extract(config, devices=devices)
+  shutil.copy(root / "n01" / "img0.JPEG", bad)
+  assert extract_codes.extract(config, devices=devices).num_records("train") == 14
+
+
+def test_plan_names_differing_leaf_keys_and_ignores_path_spelling(clean_run, folder, vq_path,
+                                                                  tmp_path, monkeypatch,
+                                                                  shared_encode):
+  out = tmp_path / "copy"
+  shutil.copytree(clean_run[0], out)
+  calls, _ = shared_encode
+  # The same VQ file and image folder by relative paths: the same plan, nothing left to do.
+  monkeypatch.chdir(pathlib.Path(vq_path).parent)
+  config = _config(os.path.relpath(folder), "tiny_vq.npz", out)
+  assert extract_codes.extract(config).num_records("train") == 13
+  assert calls[0] == 0 and _files(out) == _files(clean_run[0])
+  # Another VQ file: the leaf key and both paths are named.
+  shutil.copy(vq_path, "other.npz")
+  with pytest.raises(ValueError, match=r"header\.extra\.tokenizer\.checkpoint: planned "
+                     r"\"\S*/tiny_vq\.npz\", now \"\S*/other\.npz\""):
+    extract_codes.extract(_config(folder, "other.npz", out))
 
 
 def test_config_variants():
