@@ -1,7 +1,7 @@
 """ImageNet -> VQ codes of every view of every image -> token shards, resumably, on all hosts.
 
-Owns the extraction run: config checks, VQ checkpoint loading, the unit plan and its
-resumability, batched encoding, and the final check.
+Owns the extraction run: config checks, VQ checkpoint loading, running the units of the plan
+(`npp_jax.extract_plan`) resumably, batched encoding, and the final check.
 The image sources (tfds ArrayRecord data sources, ImageNet-style folders) are
 `npp_jax.image_sources`, the pixel pipeline `npp_jax.preprocess`, the shard format `npp_jax.data`.
 
@@ -38,14 +38,12 @@ import concurrent.futures
 import dataclasses
 import functools
 import itertools
-import json
 import math
 import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
-import uuid
 
 from absl import app, flags, logging
 from etils import epath
@@ -54,13 +52,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from npp_jax import data, preprocess, sharding, vq
+from npp_jax import data, extract_plan, preprocess, sharding, vq
 from npp_jax.image_sources import ImageSource, SourceError, open_sources
 
-PLAN_FILE = "extract_plan.json"
-UNIT_DIR = "extract_units"
-_PLAN_VERSION = 1
-_MAX_UNITS = 99_999  # data.py names writers with 5 digits.
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
@@ -122,170 +116,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _local_abspath(path: str) -> str:
   """An absolute path for a local path, so its spelling does not change the plan; URLs as is."""
   return path if "://" in path else os.path.abspath(path)
-
-
-# ----------------------------------------------------------------------------- plan and units
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """What one output directory holds; identical on every process (a pure function of inputs)."""
-  split_sizes: Mapping[str, int]
-  num_units: int
-  header: Mapping[str, Any]  # data.ShardWriter header fields: grid_size, ..., extra.
-
-  def unit_range(self, split: str, unit: int) -> tuple[int, int]:
-    n, u = self.split_sizes[split], self.num_units
-    return unit * n // u, (unit + 1) * n // u
-
-  def to_json(self) -> dict[str, Any]:
-    # Round trip through JSON so tuples compare equal to what a file gives back.
-    return json.loads(json.dumps({"version": _PLAN_VERSION, "split_sizes": dict(self.split_sizes),
-                                  "num_units": self.num_units, "header": dict(self.header)}))
-
-
-def make_plan(split_sizes: Mapping[str, int], records_per_shard: int,
-              header: Mapping[str, Any]) -> Plan:
-  """U = ceil(largest split / records_per_shard) units per split (at least 1)."""
-  if records_per_shard < 1:
-    raise ValueError(f"config.records_per_shard={records_per_shard} must be >= 1")
-  num_units = max(1, math.ceil(max(split_sizes.values()) / records_per_shard))
-  if num_units > _MAX_UNITS:
-    raise ValueError(f"{num_units} units per split exceed {_MAX_UNITS}: raise "
-                     f"config.records_per_shard={records_per_shard}")
-  return Plan(dict(split_sizes), num_units, dict(header))
-
-
-_ABSENT = object()  # A key missing on one side of a plan comparison.
-
-
-def _leaf_diffs(have: Any, want: Any, where: str = "") -> list[tuple[str, Any, Any]]:
-  """(dotted key, planned value, new value) of every leaf where two JSON values differ."""
-  if isinstance(have, dict) and isinstance(want, dict):
-    diffs = []
-    for k in sorted(set(have) | set(want), key=str):
-      key = f"{where}.{k}" if where else str(k)
-      diffs += _leaf_diffs(have.get(k, _ABSENT), want.get(k, _ABSENT), key)
-    return diffs
-  if isinstance(have, list) and isinstance(want, list) and len(have) == len(want):
-    return [d for i, (h, w) in enumerate(zip(have, want))
-            for d in _leaf_diffs(h, w, f"{where}[{i}]")]
-  return [] if have == want else [(where, have, want)]
-
-
-def _show(value: Any, limit: int = 100) -> str:
-  """JSON of a plan value, its middle elided past `limit` (paths differ mostly at the end)."""
-  text = "(absent)" if value is _ABSENT else json.dumps(value)
-  half = (limit - 3) // 2
-  return text if len(text) <= limit else f"{text[:half]}...{text[-half:]}"
-
-
-def _plan_mismatch(path: epath.Path, out: epath.Path, have: Any, want: dict[str, Any]) -> str:
-  """The error for an output directory planned differently: what differs and how to go on."""
-  diffs = _leaf_diffs(have, want) if isinstance(have, dict) else [("(whole plan)", have, want)]
-  why = {"num_units": " (from config.records_per_shard)"}
-  shown = "; ".join(f"{k}{why.get(k, '')}: planned {_show(h)}, now {_show(w)}"
-                    for k, h, w in diffs[:8])
-  if len(diffs) > 8:
-    shown += f"; and {len(diffs) - 8} more"
-  hint = ""
-  if any(k.startswith("split_sizes") for k, _, _ in diffs):
-    hint = ("A split's images changed since (files added, removed or renamed): restore them "
-            "exactly (fix or replace an unreadable image instead of deleting it). ")
-  return (f"config.out={out} was planned differently ({path.name}), so the run cannot resume "
-          f"there: {shown}. {hint}To resume, rerun with the config and images the plan records; "
-          f"to start over, delete {out} or use another config.out.")
-
-
-def _plan_problem(out: epath.Path, plan: Plan, write: bool) -> str | None:
-  """Why `out` cannot take this plan, else None; writes the plan if absent and `write`.
-
-  An output directory is ours if it holds our plan file. A non-empty one without it holds
-  someone else's files (e.g. other token shards with the same file names): refused before
-  anything is written.
-  """
-  path = out / PLAN_FILE
-  want = plan.to_json()
-  if not path.exists():
-    if out.exists() and not out.is_dir():
-      return f"config.out={out} exists and is not a directory"
-    tmp_prefix = f".{PLAN_FILE}.tmp-"  # A concurrent writer's plan, about to appear.
-    names = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    names = [n for n in names if not n.startswith(tmp_prefix)]
-    if not names:
-      if write:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, want)
-      return None
-    if not path.exists():  # Checked again: another process may have written it meanwhile.
-      few = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
-      return (f"config.out={out} is not empty ({few}) but holds no {PLAN_FILE}, so it is not an "
-              f"extraction output and its files could be overwritten; refusing to write there. "
-              f"Use a new or empty directory for config.out (or delete {out} if its contents "
-              f"are not needed).")
-  try:
-    have = json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    return (f"{path}: unreadable plan ({e}); delete config.out={out} (or use another one) to "
-            f"start over")
-  return None if have == want else _plan_mismatch(path, out, have, want)
-
-
-def _check_or_write_plan(out: epath.Path, plan: Plan, process_index: int) -> None:
-  """Refuses `out` if planned differently or holding foreign files, else writes the plan if absent.
-
-  With several JAX processes, process 0 checks and writes, and tells the others (a collective),
-  which then compare with the plan written. Processes simulated within one JAX process (tests)
-  each check and write (the same bytes).
-  """
-  multi = jax.process_count() > 1
-  problem, error = None, None
-  if process_index == 0 or not multi:
-    try:
-      problem = _plan_problem(out, plan, write=True)
-    except Exception as e:  # E.g. storage errors: told to the other processes, then raised.
-      if not multi:
-        raise
-      error = e
-  if multi:
-    ok = int(multihost_utils.broadcast_one_to_all(np.int32(problem is None and error is None)))
-    if error is not None:
-      raise error
-    if not ok and problem is None:
-      problem = f"process 0 refused config.out={out}; its log says why"
-    if problem is None and process_index != 0:
-      problem = _plan_problem(out, plan, write=False)
-  if problem is not None:
-    raise ValueError(problem)
-
-
-def _marker_path(out: epath.Path, split: str, unit: int) -> epath.Path:
-  return out / UNIT_DIR / f"{split}-{unit:05d}.json"
-
-
-def _write_json_atomic(path: epath.Path, obj: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(path)
-
-
-def _read_marker(out: epath.Path, plan: Plan, split: str, unit: int) -> dict[str, int] | None:
-  """The unit's marker if it exists and matches the plan, else None."""
-  path = _marker_path(out, split, unit)
-  if not path.exists():
-    return None
-  try:
-    marker = json.loads(path.read_text())
-  except json.JSONDecodeError:
-    logging.warning("%s: unreadable unit marker; the unit is redone", path)
-    return None
-  start, end = plan.unit_range(split, unit)
-  if (marker.get("start"), marker.get("end"), marker.get("num_records")) != (start, end,
-                                                                            end - start):
-    logging.warning("%s: marker %s does not match the plan [%d, %d); the unit is redone", path,
-                    marker, start, end)
-    return None
-  return marker
 
 
 # ----------------------------------------------------------------------------- the run
@@ -393,19 +223,20 @@ def _encode_and_write(examples: Iterable[tuple[np.ndarray, int]], writer: data.S
   return labels
 
 
-def _final_check(out: epath.Path, plan: Plan) -> data.ShardMetadata:
+def _final_check(out: epath.Path, plan: extract_plan.Plan) -> data.ShardMetadata:
   """Process 0, after every process finished: markers vs plan, finalize, reopen every split."""
   num_classes = plan.header["num_classes"]
   for split, size in plan.split_sizes.items():
     total = 0
     for unit in range(plan.num_units):
-      marker = _read_marker(out, plan, split, unit)
+      marker = extract_plan.read_marker(out, plan, split, unit)
+      where = extract_plan.marker_path(out, split, unit)
       if marker is None:
-        raise data.ShardError(f"{_marker_path(out, split, unit)}: unit {unit} of split {split!r} "
-                              f"is not finished (a process failed or was stopped); rerun")
+        raise data.ShardError(f"{where}: unit {unit} of split {split!r} is not finished (a "
+                              f"process failed or was stopped); rerun")
       if marker["num_records"] and not (0 <= marker["label_min"] <= marker["label_max"]
                                         < num_classes):
-        raise data.ShardError(f"{_marker_path(out, split, unit)}: labels [{marker['label_min']}, "
+        raise data.ShardError(f"{where}: labels [{marker['label_min']}, "
                               f"{marker['label_max']}] outside [0, {num_classes})")
       total += marker["num_records"]
     if total != size:
@@ -456,17 +287,18 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
       raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
   model = load_vq_model(config.vq_checkpoint)
   header = _shard_header(sources, model, config)
-  plan = make_plan({s: len(src) for s, src in sources.items()}, config.records_per_shard, header)
+  plan = extract_plan.make_plan({s: len(src) for s, src in sources.items()},
+                                config.records_per_shard, header)
   # The writers' own header check, run now (it does no I/O) so it cannot fail after the plan.
   data.ShardWriter(out, next(iter(sources)), records_per_shard=1, **plan.header)
-  _check_or_write_plan(out, plan, p)
+  extract_plan.check_or_write_plan(out, plan, p)
 
   size, num_classes = header["extra"]["image_size"], header["num_classes"]
   encode = vq.make_encode_fn(model, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
 
   mine = [(s, u) for s in sources for u in range(plan.num_units) if u % num_p == p]
-  todo = [(s, u) for s, u in mine if _read_marker(out, plan, s, u) is None]
+  todo = [(s, u) for s, u in mine if extract_plan.read_marker(out, plan, s, u) is None]
   logging.info("extract process %d/%d: %d of its %d units already done; %d to do; %d images per "
                "step on %d devices", p, num_p, len(mine) - len(todo), len(mine), len(todo),
                step_images, mesh.devices.size)
@@ -478,10 +310,9 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
     except SourceError as e:
       raise SourceError(
           f"{e}. Replace or repair this image, then rerun to resume. Do not delete it: that "
-          f"changes the image count of split {split!r}, which the plan in {out / PLAN_FILE} "
-          f"fixes, so such a rerun is refused (it would have to start over in an empty "
-          f"config.out)"
-      ) from e
+          f"changes the image count of split {split!r}, which the plan in "
+          f"{out / extract_plan.PLAN_FILE} fixes, so such a rerun is refused (it would have to "
+          f"start over in an empty config.out)") from e
     if not 0 <= label < num_classes:
       raise SourceError(f"{name}: label {label} outside [0, num_classes={num_classes})")
     views = preprocess.image_views(image, size, header["extra"]["crop_ranges"],
@@ -500,7 +331,7 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
         labels = _encode_and_write(itertools.islice(examples, end - start), writer, encode,
                                    batch_sharding, step_images,
                                    functools.partial(progress.update, where=f"{split} unit {unit}"))
-      _write_json_atomic(_marker_path(out, split, unit), {
+      extract_plan.write_json_atomic(extract_plan.marker_path(out, split, unit), {
           "start": start, "end": end, "num_records": len(labels),
           "label_min": min(labels, default=0), "label_max": max(labels, default=0)})
       progress.update(0, f"{split} unit {unit} done", force=True)

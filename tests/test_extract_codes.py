@@ -16,7 +16,7 @@ from PIL import Image
 import pytest
 
 from configs import extract_imagenet
-from npp_jax import data, extract_codes, image_sources, preprocess, vq, vq_weights
+from npp_jax import data, extract_codes, extract_plan, image_sources, preprocess, vq, vq_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VQ = vq.VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
@@ -212,7 +212,7 @@ def test_resume_skips_finished_units_and_matches_clean_run(clean_run, folder, vq
     extract_codes.extract(config, devices=devices)
   assert (out / "train-00001-00000.array_record").exists()
   assert not (out / data.MANIFEST_DIR / "train-00001.json").exists()
-  assert sorted(p.name for p in (out / extract_codes.UNIT_DIR).iterdir()) == ["train-00000.json"]
+  assert sorted(p.name for p in (out / extract_plan.UNIT_DIR).iterdir()) == ["train-00000.json"]
   assert not (out / data.METADATA_FILE).exists()
 
   calls[0], fail_at[0] = 0, None
@@ -221,7 +221,7 @@ def test_resume_skips_finished_units_and_matches_clean_run(clean_run, folder, vq
   assert _files(out) == _files(clean_run[0])
 
   # Lose a finished unit (its marker and file): only that unit is redone.
-  (out / extract_codes.UNIT_DIR / "train-00002.json").unlink()
+  (out / extract_plan.UNIT_DIR / "train-00002.json").unlink()
   (out / "train-00002-00000.array_record").unlink()
   calls[0] = 0
   extract_codes.extract(config, devices=devices)
@@ -245,7 +245,7 @@ def test_output_independent_of_devices_batch_and_processes(clean_run, folder, vq
   two = tmp_path / "two_processes"
   config = _config(folder, vq_path, two)
   assert extract_codes.extract(config, process_index=1, process_count=2) is None
-  assert sorted(p.name for p in (two / extract_codes.UNIT_DIR).iterdir()) == [
+  assert sorted(p.name for p in (two / extract_plan.UNIT_DIR).iterdir()) == [
       "train-00001.json", "train-00003.json"]
   assert not (two / data.METADATA_FILE).exists()
   meta = extract_codes.extract(config, process_index=0, process_count=2)
