@@ -28,11 +28,14 @@ DST/model_config.json holding the ModelConfig or VQConfig fields) that `config.c
 `config.sample.vq_checkpoint`, `load_converted_gpt` and `load_converted_vq` read:
   python -m npp_jax.convert --kind gpt --src c2i_B_256.pt --dst /ckpt/npp_b [--variant B]
   python -m npp_jax.convert --kind vq --src vq_ds16_c2i.pt --dst /ckpt/vq16
+Before reading SRC it refuses a DST that is a file or lies under one, and a DST holding a
+conversion of the other kind; rerunning a conversion into its own DST overwrites it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -138,6 +141,10 @@ def gpt_config_from_state_dict(sd: Mapping[str, np.ndarray], *, variant: str | N
       raise ConversionError(f"cannot infer the head count of a {n_layer}-layer, width-{dim} GPT: "
                             f"pass variant= or n_head=.")
     n_head = model_lib.VARIANTS[matches[0]][1]
+  if not isinstance(n_head, (int, np.integer)) or n_head < 1 or dim % n_head:
+    raise ConversionError(f"n_head={n_head!r} (--n_head) must be a positive divisor of the "
+                          f"checkpoint's width {dim}.")
+  n_head = int(n_head)  # A plain int, so that model_config.json can hold it.
   head_dim = dim // n_head
   qkv_rows = sd["layers.0.attention.wqkv.weight"].shape[0]
   kv_heads = (qkv_rows - dim) // 2 // head_dim
@@ -247,10 +254,16 @@ def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
 
   Raises:
     FileNotFoundError: no such file.
+    IsADirectoryError: `path` is a directory (e.g. one written by `convert_checkpoint`, which
+      `load_converted_gpt` / `load_converted_vq` read).
     ConversionError / torch_pickle.TorchFileError (both ValueError): unknown suffix, unreadable
-      file, or a file whose top level is not a mapping.
+      or damaged file, or a file whose top level is not a mapping.
   """
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory, not a weight file (.pt/.pth/.bin/.ckpt, .npz "
+                            f"or .safetensors); a directory written by npp_jax.convert is read "
+                            f"by load_converted_gpt / load_converted_vq.")
   suffix = os.path.splitext(path)[1].lower()
   if suffix in _TORCH_SUFFIXES:
     ckpt = torch_pickle.load(path)
@@ -259,10 +272,16 @@ def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
   elif suffix == ".npz":
     if not os.path.isfile(path):
       raise FileNotFoundError(f"no checkpoint file at {path}")
+    # np.load takes a non-zip file for a pickle and says "contains pickled (object) data".
+    if not zipfile.is_zipfile(path):
+      raise ConversionError(f"{path}: not a valid .npz file (not a zip archive).")
     try:
       with np.load(path, allow_pickle=False) as z:
         ckpt = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+    except (zipfile.BadZipFile, EOFError) as e:  # zipfile checks each member's CRC-32 here.
+      raise ConversionError(f"{path}: a damaged .npz (zip) archive ({e}); re-create or "
+                            f"re-download it.") from None
+    except (ValueError, OSError) as e:
       raise ConversionError(f"{path}: cannot read the .npz without pickles: {e}") from None
   else:
     raise ConversionError(f"{path}: unknown checkpoint suffix {suffix!r}; expected one of "
@@ -296,6 +315,51 @@ def load_vq(path_or_state_dict: Mapping[str, Any] | PathLike, *,
     raise ConversionError(f"{source}: {e}") from None
 
 
+def _kind_of_stored_config(fields: Mapping[str, Any]) -> str | None:
+  """The kind ("gpt" or "vq") of a model_config.json that `convert_checkpoint` wrote, or None."""
+  if {"n_layer", "vocab_size"} <= set(fields):
+    return "gpt"
+  if {"codebook_size", "ch_mult"} <= set(fields):
+    return "vq"
+  return None
+
+
+def _check_dst(kind: str, dst: PathLike) -> None:
+  """Raises unless `dst` can take a `kind` conversion; run before any work is done.
+
+  Raises:
+    NotADirectoryError: `dst`, or a folder above it, is an existing file.
+    ConversionError: `dst` already holds a conversion of the other kind (its model_config.json
+      says so); rerunning the same kind into the same `dst` overwrites it, as before.
+  """
+  name = os.fspath(dst)
+  if "://" in name:  # Object stores have no files-versus-folders conflict to check.
+    return
+  path = os.path.abspath(name)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"--dst {name} is an existing file, not a directory: choose a "
+                             f"directory path for the converted checkpoint.")
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(f"--dst {name} cannot be created: {parent} is a file, not a "
+                             f"directory.")
+  config_file = os.path.join(path, "model_config.json")
+  if os.path.isfile(config_file):
+    try:
+      with open(config_file) as f:
+        fields = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+      return  # Not ours to judge: overwritten like any other leftover.
+    stored = _kind_of_stored_config(fields) if isinstance(fields, dict) else None
+    if stored is not None and stored != kind:
+      what = {"gpt": "GPT", "vq": "VQ tokenizer"}
+      raise ConversionError(f"--dst {name} already holds a converted {what[stored]} "
+                            f"({config_file}); converting a {what[kind]} there would overwrite "
+                            f"it: choose another --dst or remove it first.")
+
+
 def convert_checkpoint(kind: str, src: PathLike, dst: PathLike, *, variant: str | None = None,
                        n_head: int | None = None, use_ema: bool = False,
                        **overrides: Any) -> dict[str, Any]:
@@ -308,11 +372,15 @@ def convert_checkpoint(kind: str, src: PathLike, dst: PathLike, *, variant: str 
   Returns:
     A summary: dst, kind, num_params, model_config, and `ignored`, the non-weight objects of the
     file that were not constructed (e.g. `args: argparse.Namespace`).
+
+  Raises:
+    As `read_checkpoint`, `load_gpt`, `load_vq` and `_check_dst` (checked first).
   """
   if kind not in ("gpt", "vq"):
     raise ConversionError(f"kind={kind!r} must be 'gpt' or 'vq'.")
   if kind == "vq" and (variant is not None or n_head is not None or overrides):
     raise ConversionError("variant, n_head and model overrides apply to kind='gpt' only.")
+  _check_dst(kind, dst)
   ckpt = read_checkpoint(src)
   if kind == "gpt":
     model = load_gpt(ckpt, variant=variant, n_head=n_head, use_ema=use_ema, **overrides)
@@ -380,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     out = convert_checkpoint(args.kind, args.src, args.dst, variant=args.variant,
                              n_head=args.n_head, use_ema=args.use_ema, **overrides)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out['dst']}/params ({out['num_params']:,} parameters, float32) and "
@@ -389,10 +457,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if out["ignored"]:
     print(f"not constructed, not weights (ignored): {', '.join(out['ignored'])}")
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
 
 
 def load_vq_checkpoint(path: str) -> "vq.VQModel":
@@ -404,3 +468,7 @@ def load_vq_checkpoint(path: str) -> "vq.VQModel":
   if not p.exists():
     raise FileNotFoundError(f"no VQ checkpoint at {path}.")
   return load_converted_vq(path) if p.is_dir() else load_vq(path)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

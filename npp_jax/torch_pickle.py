@@ -5,7 +5,14 @@ Owns `load(path)` for `torch.save` checkpoints in the zip format of torch >= 1.6
 `load_safetensors(path)`.
 Tensors come back as numpy arrays of their own dtype (bfloat16 via ml_dtypes), read-only and
 memory-mapped where the zip stores them uncompressed (torch always does), so entries the caller
-never touches (e.g. an optimizer state) are never read from disk.
+never touches (e.g. an optimizer state) are never copied into memory.
+
+Integrity: every storage a tensor uses is checked against its zip member's CRC-32 before any array
+is made over it, so a damaged file (a flipped bit in a download) is refused, naming the member,
+instead of giving silently wrong weights. Memory-mapping bypasses zipfile's own CRC check, so this
+costs one extra sequential read of the storages (at disk speed; about 0.4 s per GB when the file
+is cached), through one bounded buffer; members that zipfile reads itself (the pickle, compressed
+storages) are checked by zipfile.
 
 Safety: `data.pkl` is read by a restricted unpickler. Its `find_class` builds only what a tensor
 state dict needs (OrderedDict, the tensor/parameter rebuild functions, storage classes through
@@ -30,6 +37,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 import ml_dtypes
@@ -50,6 +58,8 @@ _SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+# Bytes read at a time for the CRC-32 check: bounds the memory of checking multi-GB storages.
+_CRC_CHUNK = 1 << 24
 _BUILTINS = {"set": set, "frozenset": frozenset, "tuple": tuple, "list": list, "dict": dict}
 
 
@@ -234,17 +244,55 @@ def _unpickle(data: bytes, source: str, storage_sizes: dict[str, int] | None) ->
     raise TorchFileError(f"{source}: cannot read the pickle safely: {type(e).__name__}: {e}") from e
 
 
-def _member_offset(path: str, info: zipfile.ZipInfo) -> int | None:
-  """Byte offset of an uncompressed zip member's data in the file (None: must be inflated)."""
+def _member_offset(f: io.BufferedReader, info: zipfile.ZipInfo) -> int | None:
+  """Byte offset of an uncompressed zip member's data in the open file `f` (None: must be
+  inflated)."""
   if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
     return None
-  with open(path, "rb") as f:
-    f.seek(info.header_offset)
-    header = f.read(30)
+  f.seek(info.header_offset)
+  header = f.read(30)
   if len(header) != 30 or header[:4] != b"PK\x03\x04":
     return None
   name_len, extra_len = struct.unpack("<HH", header[26:30])
   return info.header_offset + 30 + name_len + extra_len
+
+
+def _damaged(path: str, info: zipfile.ZipInfo, what: str) -> TorchFileError:
+  return TorchFileError(f"{path}: {what} '{info.filename}' fails its CRC-32 check: the file is "
+                        f"damaged (re-download it).")
+
+
+def _check_crc(f: io.BufferedReader, buf: memoryview, path: str, info: zipfile.ZipInfo,
+               offset: int) -> None:
+  """Raises TorchFileError unless the stored member whose data starts at `offset` matches the
+  CRC-32 of its ZipInfo. Reads the member's `info.file_size` bytes (all the CRC covers) through
+  the reusable buffer `buf`, so memory stays bounded however large the storage."""
+  f.seek(offset)
+  crc, left = 0, info.file_size
+  while left:
+    n = f.readinto(buf[:min(len(buf), left)])
+    if not n:
+      raise TorchFileError(f"{path}: storage '{info.filename}' is truncated ({left} of "
+                           f"{info.file_size} bytes missing): the file is damaged "
+                           f"(re-download it).")
+    crc = zlib.crc32(buf[:n], crc)
+    left -= n
+  if crc != info.CRC:
+    raise _damaged(path, info, "storage")
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, what: str) -> bytes:
+  """A member read (and CRC-checked) by zipfile, its failures as TorchFileError naming it."""
+  try:
+    return zf.read(info)
+  except zipfile.BadZipFile as e:
+    if "CRC" in str(e):
+      raise _damaged(path, info, what) from None
+    raise TorchFileError(f"{path}: {what} '{info.filename}' cannot be read ({e}): the file is "
+                         f"damaged (re-download it).") from None
+  except (zlib.error, EOFError, NotImplementedError) as e:
+    raise TorchFileError(f"{path}: {what} '{info.filename}' cannot be read ({type(e).__name__}: "
+                         f"{e}): the file is damaged or uses an unsupported compression.") from None
 
 
 def _resolve(obj: Any, make, seen: dict[int, Any]) -> Any:
@@ -297,41 +345,51 @@ def load(path: str | os.PathLike) -> Any:
   of their own dtype and any non-allow-listed object as an inert `Opaque`.
 
   Raises:
-    FileNotFoundError: no such file.
-    TorchFileError: legacy or unknown format, a malformed archive or pickle, or a pickle whose
-      tensors point outside their storages.
+    FileNotFoundError / IsADirectoryError: no such file / a directory.
+    TorchFileError: legacy or unknown format, a malformed or damaged archive (a member failing its
+      CRC-32 check), a malformed pickle, or a pickle whose tensors point outside their storages.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no checkpoint file at {path}")
+  path = _require_file(path)
   if not zipfile.is_zipfile(path):
     _refuse_non_zip(path)
-  with zipfile.ZipFile(path) as zf:
+  try:
+    zf = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, EOFError, ValueError) as e:
+    raise TorchFileError(f"{path}: a damaged zip archive ({e}); re-download it.") from None
+  with zf, open(path, "rb") as f:
     infos = {i.filename: i for i in zf.infolist()}
     pkls = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
       raise TorchFileError(f"{path}: a zip file but not a torch.save archive (expected one "
                            f"<root>/data.pkl, found {pkls or 'none'}).")
     root = pkls[0][:-len("data.pkl")]
-    byteorder = (zf.read(root + "byteorder").decode().strip()
+    byteorder = (_read_member(zf, infos[root + "byteorder"], path, "member").decode().strip()
                  if root + "byteorder" in infos else "little")
     if byteorder not in ("little", "big"):
       raise TorchFileError(f"{path}: unknown byteorder {byteorder!r}")
     data_prefix = root + "data/"
     members = {n[len(data_prefix):]: i for n, i in infos.items() if n.startswith(data_prefix)}
-    obj = _unpickle(zf.read(pkls[0]), path, {k: i.file_size for k, i in members.items()})
+    obj = _unpickle(_read_member(zf, infos[pkls[0]], path, "member"), path,
+                    {k: i.file_size for k, i in members.items()})
     mapped = np.memmap(path, mode="r")
     swap = byteorder != ("little" if np.little_endian else "big")
     flats: dict[tuple[str, str], np.ndarray] = {}
+    checked: set[str] = set()  # Storage keys whose CRC-32 matched.
+    crc_buf = memoryview(bytearray(
+        min(_CRC_CHUNK, max((i.file_size for i in members.values()), default=0))))
 
     def flat_of(storage: _Storage) -> np.ndarray:
       cache_key = (storage.key, storage.dtype.str)
       if cache_key not in flats:
         info = members[storage.key]
-        offset = _member_offset(path, info)
+        offset = _member_offset(f, info)
         nbytes = storage.numel * storage.dtype.itemsize
+        if offset is not None and storage.key not in checked:
+          # The mmap below bypasses zipfile's CRC check: one extra read of the member instead.
+          _check_crc(f, crc_buf, path, info, offset)
+          checked.add(storage.key)
         raw = (mapped[offset: offset + nbytes] if offset is not None
-               else np.frombuffer(zf.read(info), np.uint8)[:nbytes])
+               else np.frombuffer(_read_member(zf, info, path, "storage"), np.uint8)[:nbytes])
         if raw.size != nbytes:
           raise TorchFileError(f"{path}: storage {storage.key} is truncated ({raw.size} of "
                                f"{nbytes} bytes).")
@@ -346,6 +404,16 @@ def load(path: str | os.PathLike) -> Any:
       return _resolve(obj, lambda ref: _strided(flat_of(ref.storage), ref), {})
     except RecursionError:
       raise TorchFileError(f"{path}: containers nested too deeply.") from None
+
+
+def _require_file(path: str | os.PathLike) -> str:
+  """`path` as a str; FileNotFoundError / IsADirectoryError naming it unless it is a file."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path} is a directory, not a weight file.")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no checkpoint file at {path}")
+  return path
 
 
 def _refuse_non_zip(path: str) -> None:
@@ -381,9 +449,7 @@ def opaque_entries(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` file (8-byte header length, JSON header, raw little-endian data)."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no checkpoint file at {path}")
+  path = _require_file(path)
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     head = f.read(8)

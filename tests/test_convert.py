@@ -137,6 +137,12 @@ def test_variant_inferred_from_shapes_without_allocating(variant):
   convert.check_coverage(views, convert.gpt_expected_shapes(cfg))  # strict coverage holds
 
 
+@pytest.mark.parametrize("n_head", [0, -4, 3, 128])
+def test_head_count_must_divide_the_width(sd, n_head):
+  with pytest.raises(convert.ConversionError, match=rf"n_head={n_head} \(--n_head\).*width 64"):
+    convert.gpt_config_from_state_dict(sd, n_head=n_head)
+
+
 def test_gpt_b_reference_shapes():
   shapes = convert.gpt_expected_shapes(model_lib.config_for("B"))
   assert len(shapes) == 88

@@ -6,6 +6,7 @@ compatibility with PyTorch's format; `_write_pt` below writes the same format by
 against torch.load when written) for layouts, hostile pickles and crafted strides. No test
 imports torch.
 """
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,9 @@ import pickle
 import struct
 import subprocess
 import sys
+from unittest import mock
 import zipfile
+import zlib
 
 from flax import nnx
 from hypothesis import given, settings, strategies as st
@@ -28,6 +31,7 @@ from npp_jax import convert
 from npp_jax import model as model_lib
 from npp_jax import sharding
 from npp_jax import torch_pickle
+from npp_jax import vq
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY_PT = FIXTURES / "tiny_gpt.pt"
@@ -281,6 +285,89 @@ def test_strided_views_read_back_exactly(tmp_path_factory, data, shape, dtype, b
   np.testing.assert_array_equal(got, view)
 
 
+# ----------------------------------------------------------------------------- damaged files
+
+def _flip(src, dst, at):
+  data = bytearray(pathlib.Path(src).read_bytes())
+  data[at] ^= 0x01
+  pathlib.Path(dst).write_bytes(bytes(data))
+  return dst
+
+
+def test_damaged_real_checkpoint_is_refused_naming_the_member(tmp_path, capsys):
+  bad = _flip(TINY_PT, tmp_path / "tiny_gpt.pt", 600_000)  # inside tiny_gpt/data/6
+  with zipfile.ZipFile(bad) as zf:
+    assert zf.testzip() == "tiny_gpt/data/6"  # control: the zip module sees the damage too
+  with pytest.raises(torch_pickle.TorchFileError,
+                     match=r"tiny_gpt.pt: storage 'tiny_gpt/data/6' fails its CRC-32 check"):
+    torch_pickle.load(bad)
+  code, _, err = _cli(capsys, "--kind", "gpt", "--src", bad, "--dst", tmp_path / "out",
+                      "--n_head", 4)
+  assert code == 1 and "'tiny_gpt/data/6'" in err and "re-download" in err
+  assert not (tmp_path / "out").exists()
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), chunk=st.sampled_from([1, 7, 64, 1 << 24]),
+       compress=st.sampled_from([zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED]))
+def test_any_flipped_byte_in_a_read_member_is_caught(tmp_path_factory, data, chunk, compress):
+  # Members of every size, read in chunks smaller and larger than them, stored (mmapped and
+  # checked by us) or deflated (checked by zipfile).
+  tmp = tmp_path_factory.mktemp("crc")
+  sd = {"a": np.arange(40, dtype=np.float32), "b": np.ones((3, 5), np.int64),
+        "c": np.array([7], np.uint8)}
+  path = _write_pt(tmp / "plain.pt", sd)
+  if compress != zipfile.ZIP_STORED:
+    with zipfile.ZipFile(path) as zf:
+      members = {n: zf.read(n) for n in zf.namelist()}
+    with zipfile.ZipFile(path, "w", compress) as zf:
+      for name, blob in members.items():
+        zf.writestr(name, blob)
+  with mock.patch.object(torch_pickle, "_CRC_CHUNK", chunk):
+    _assert_same(torch_pickle.load(path), sd)  # control: the intact file loads
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+      read = [i for i in zf.infolist() if i.filename != "archive/version"]  # never read
+      info = data.draw(st.sampled_from(read))
+      start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+      assert torch_pickle._member_offset(f, info) in (start, None)
+    bad = _flip(path, tmp / "bad.pt", data.draw(st.integers(start, start + info.compress_size - 1)))
+    if compress != zipfile.ZIP_STORED:
+      # A flip in a deflate stream can leave the inflated bytes (all the CRC covers) intact, e.g.
+      # the final-block bit: then the file must read back exactly.
+      with zipfile.ZipFile(path) as zf:
+        want = zf.read(info)
+      with zipfile.ZipFile(bad) as zf:
+        try:
+          intact = zf.read(info) == want  # raises on a CRC or inflate failure
+        except (zipfile.BadZipFile, EOFError, zlib.error):
+          intact = False
+      if intact:
+        _assert_same(torch_pickle.load(bad), sd)
+        return
+    # CRC-32 catches every single-bit error in the bytes it covers.
+    with pytest.raises(torch_pickle.TorchFileError, match=f"'{info.filename}'.*damaged"):
+      torch_pickle.load(bad)
+
+
+def test_directory_and_invalid_npz_sources_say_what_they_are(tmp_path, gpt, capsys):
+  (tmp_path / "dir.pt").mkdir()
+  for reader in (convert.read_checkpoint, torch_pickle.load, torch_pickle.load_safetensors):
+    with pytest.raises(IsADirectoryError, match="dir.pt is a directory"):
+      reader(tmp_path / "dir.pt")
+  code, _, err = _cli(capsys, "--kind", "gpt", "--src", tmp_path / "dir.pt", "--dst",
+                      tmp_path / "out", "--n_head", 4)
+  assert code == 1 and "is a directory" in err and "not found" not in err
+  (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+  with pytest.raises(convert.ConversionError, match="random.npz: not a valid .npz"):
+    convert.read_checkpoint(tmp_path / "random.npz")
+  np.savez(tmp_path / "sd.npz", w=np.arange(1000, dtype=np.float32))
+  with zipfile.ZipFile(tmp_path / "sd.npz") as zf:
+    at = zf.getinfo("w.npy").header_offset + 30 + len("w.npy") + 2000  # inside the array
+  _flip(tmp_path / "sd.npz", tmp_path / "damaged.npz", at)
+  with pytest.raises(convert.ConversionError, match="damaged.npz: a damaged .npz.*CRC"):
+    convert.read_checkpoint(tmp_path / "damaged.npz")
+
+
 # ----------------------------------------------------------------------------- layouts and formats
 
 @pytest.mark.parametrize("layout", ["raw", "model", "module", "state_dict", "ema"])
@@ -377,6 +464,38 @@ def test_cli_strict_errors_list_every_key(tmp_path, gpt, capsys):
   assert not (tmp_path / "out").exists()
   code, _, err = _cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", tmp_path / "out")
   assert code == 1 and "pass variant= or n_head=" in err
+
+
+def test_cli_bad_n_head_and_dst_fail_cleanly_before_any_write(tmp_path, capsys):
+  for n_head in (0, -4, 3):
+    code, _, err = _cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", tmp_path / "out",
+                        "--n_head", n_head)
+    assert code == 1 and f"n_head={n_head} (--n_head)" in err and "width 64" in err
+  (tmp_path / "file").write_text("keep me")
+  for dst, says in ((tmp_path / "file", "is an existing file"),
+                    (tmp_path / "file" / "sub" / "out", f"{tmp_path / 'file'} is a file")):
+    code, _, err = _cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", dst, "--n_head", 4)
+    assert code == 1 and f"--dst {dst}" in err and says in err, err
+  assert (tmp_path / "file").read_text() == "keep me"
+  assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_to_overwrite_the_other_kind_but_reruns_the_same(tmp_path, gpt, capsys):
+  vq_dir, gpt_dir = tmp_path / "vq", tmp_path / "gpt"
+  vq_fields = json.loads(json.dumps(dataclasses.asdict(vq.VQConfig())))
+  gpt_fields = dataclasses.asdict(model_lib.config_for("B"))
+  for path, fields in ((vq_dir, vq_fields), (gpt_dir, gpt_fields)):
+    path.mkdir()
+    (path / "model_config.json").write_text(json.dumps(fields))
+  code, _, err = _cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", vq_dir, "--n_head", 4)
+  assert code == 1 and f"--dst {vq_dir} already holds a converted VQ tokenizer" in err
+  code, _, err = _cli(capsys, "--kind", "vq", "--src", TINY_PT, "--dst", gpt_dir)
+  assert code == 1 and f"--dst {gpt_dir} already holds a converted GPT" in err
+  assert checkpoint.read_model_config(vq_dir) == vq_fields  # untouched
+  # The same kind again (here over a GPT-B conversion) overwrites, as rerunning a command must.
+  code, _, err = _cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", gpt_dir, "--n_head", 4)
+  assert code == 0, err
+  _assert_same(_pure(convert.load_converted_gpt(gpt_dir)), gpt["params"])
 
 
 def test_cli_wrong_variant_exits_nonzero_from_the_shell(tmp_path):
