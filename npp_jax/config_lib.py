@@ -1,11 +1,13 @@
 """From an experiment's ml_collections config to the objects the code uses, validated up front.
 
 Owns: `model_config(config)` (the ModelConfig of `config.model`), `schedule(config, num_records)`
-(the patch schedule of `config.npp`), and `validate(config)`, which checks every key that can be
-checked before data is read or anything compiles, and names the key in its error.
+(the patch schedule of `config.npp`), `validate(config)`, which checks every key that can be
+checked before data is read or anything compiles, and names the key in its error, and
+`resume_changes` (what a resumed run changed of the config its workdir saved).
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -147,3 +149,32 @@ def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.Mo
       if size % mesh[axis]:
         raise ValueError(f"{name}={size} is not divisible by the '{axis}' mesh axis "
                          f"(config.mesh.{axis} resolves to {mesh[axis]}), which splits it.")
+
+
+# Keys a resumed run may change: where and how it runs, not what it computes. Everything else
+# (model, npp schedule, optim, batch size, seed, data splits) is the run's identity: changing it
+# mid-run silently gives another experiment than the one its workdir holds.
+RESUMABLE_CHANGES = ("mesh.", "log_every_steps", "eval_every_steps", "sample_every_steps",
+                     "ckpt.every_steps", "ckpt.keep", "ckpt.init_from", "data.path",
+                     "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll",
+                     "sample.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix[:-1]: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}."))
+  return out
+
+
+def resume_changes(saved: dict, config: ml_collections.ConfigDict
+                   ) -> list[tuple[str, Any, Any]]:
+  """(key, saved value, new value) of every key outside RESUMABLE_CHANGES where `config`
+  differs from the JSON config a workdir's earlier run saved (config.json)."""
+  old = _flat(saved)
+  new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
+  return [(k, old.get(k, "(absent)"), new.get(k, "(absent)"))
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]

@@ -31,6 +31,9 @@ _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout_seconds", 100, "Multi-process: a peer silent this long is taken as dead "
     "and every process stops with an error.", lower_bound=1)
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show orbax/grain INFO logs.")
+_ALLOW_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume even though the config changes what the run computes "
+    "(model, schedule, optimizer, batch size, seed, splits); by default such a resume is refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,7 +65,8 @@ def main(argv):
   logging.info("JAX process %d of %d; %d local / %d global devices: %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
-  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value)
+  summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, max_steps=_MAX_STEPS.value,
+                                     allow_config_change=_ALLOW_CHANGE.value)
   if jax.process_index() == 0 and summary.get("preempted"):
     print(f"Preempted at step {summary['step']} (train loss {summary['train_loss']}): saved; run "
           f"the same command again to resume.\n  checkpoints: {summary['workdir']}/checkpoints")

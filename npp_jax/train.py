@@ -229,17 +229,47 @@ def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_ite
   return state, "started from scratch"
 
 
+def _check_resumed_config(config, workdir, step: int, allow: bool) -> None:
+  """Refuses to resume with a config that changes what the run computes (see
+  config_lib.resume_changes), unless `allow`; then keeps the earlier config beside the new one."""
+  saved_file = workdir / "config.json"
+  if not saved_file.exists():
+    return
+  try:
+    saved = json.loads(saved_file.read_text())
+  except ValueError as e:
+    raise ValueError(f"{saved_file} (the config of this workdir's earlier run) is not valid "
+                     f"JSON: {e}") from e
+  changes = config_lib.resume_changes(saved, config)
+  if not changes:
+    return
+  shown = "; ".join(f"{k}: saved {old!r}, now {new!r}" for k, old, new in changes[:12])
+  if len(changes) > 12:
+    shown += f"; and {len(changes) - 12} more"
+  if not allow:
+    raise ValueError(
+        f"resuming {workdir} at step {step} with a config that changes the run ({shown}). Use a "
+        f"new workdir for another experiment, rerun with the saved config ({saved_file}), or pass "
+        f"--allow_config_change to continue this run with the new values.")
+  logging.warning("Resuming at step %d with config changes: %s.", step, shown)
+  if jax.process_index() == 0:
+    (workdir / f"config.before_step_{step}.json").write_text(saved_file.read_text())
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       max_steps: int | None = None) -> dict:
+                       max_steps: int | None = None, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir` (local or gs://), resuming whatever is there.
 
   Args:
     config: an experiment config (configs/*.py).
     workdir: checkpoints, TensorBoard events and the resolved config go here.
     max_steps: stop after this many steps of this run (dry runs, tests); the schedule is unchanged.
+    allow_config_change: resume even though the config changes keys that define the run
+      (model, npp, optim, batch size, seed, splits; see config_lib.RESUMABLE_CHANGES for what may
+      always change); the earlier config is kept as config.before_step_<step>.json.
 
   Returns:
     A summary: final step, last train loss, eval loss, the schedule's cost ratio, compile count.
@@ -265,8 +295,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   lr_fn = optim.learning_rate(config, schedule, spe)
   cost = patching.training_cost(schedule)
 
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
   logging.info("Schedule: %s; training cost relative to next-token prediction: %.4f.",
@@ -282,6 +310,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.ckpt.keep)
   state, how = _restore_or_init(config, ckpt, state, data_iter)
   start = int(host(state["step"]))
+  if ckpt.latest_step() is not None:
+    _check_resumed_config(config, workdir, start, allow_config_change)
+  if jax.process_index() == 0:  # after the checks: a refused run leaves the saved config as it was.
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
   if ckpt.latest_step() is not None and ckpt.saved_process_count(start) != jax.process_count():
     # Saved by another process count: its iterator states do not apply; the data position is a
     # function of the step (see data.make_train_dataset).

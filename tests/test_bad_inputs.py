@@ -52,12 +52,13 @@ def config(shards, **overrides):
   return smoke_config(shards, **{"data.eval_split": "", **overrides})
 
 
-def expect_error(cfg, workdir, exc, *patterns, max_steps=None):
+def expect_error(cfg, workdir, exc, *patterns, max_steps=None, allow_config_change=False):
   """Runs the trainer on `workdir` expecting `exc` whose message matches every regex in
   `patterns`; asserts the checkpoints there are byte-identical afterwards. Returns the error."""
   before = tree_hash(workdir / "checkpoints") if (workdir / "checkpoints").exists() else None
   with pytest.raises(exc) as err:
-    train.train_and_evaluate(cfg, str(workdir), max_steps=max_steps)
+    train.train_and_evaluate(cfg, str(workdir), max_steps=max_steps,
+                             allow_config_change=allow_config_change)
   for p in patterns:
     assert re.search(p, str(err.value)), f"{p!r} not in: {err.value}"
   if before is not None:
@@ -254,6 +255,34 @@ def test_bad_record_met_during_training(shards, workdir, bad_shards, what, patte
 
 # ------------------------------------------------------------------------------- checkpoints
 
+def test_resume_with_a_config_that_changes_the_run_is_refused(shards, workdir):
+  saved = (workdir / "config.json").read_bytes()
+  expect_error(config(shards, **{"optim.lr": 0.2, "seed": 3}), workdir, ValueError,
+               r"resuming .* at step 2 with a config that changes the run",
+               r"optim\.lr: saved 0\.1, now 0\.2", r"seed: saved 0, now 3",
+               r"--allow_config_change")
+  assert (workdir / "config.json").read_bytes() == saved  # the refused run changed nothing
+
+
+def test_resume_may_change_where_and_how_it_runs(shards, workdir):
+  """Topology, logging/checkpoint cadence, data location and workers, remat are not the run's
+  identity: a resume with them changed goes on."""
+  summary = train.train_and_evaluate(
+      config(shards, **{"mesh.data": 2, "mesh.fsdp": 4, "log_every_steps": 2, "ckpt.keep": 3,
+                        "data.num_workers": 0, "model.remat": "full"}), str(workdir), max_steps=1)
+  assert summary["step"] == 3
+  assert json.loads((workdir / "config.json").read_text())["mesh"]["data"] == 2
+
+
+def test_allow_config_change_resumes_and_keeps_the_earlier_config(shards, workdir):
+  saved = (workdir / "config.json").read_text()
+  summary = train.train_and_evaluate(config(shards, **{"optim.lr": 0.2}), str(workdir),
+                                     max_steps=1, allow_config_change=True)
+  assert summary["step"] == 3
+  assert (workdir / "config.before_step_2.json").read_text() == saved
+  assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 0.2
+
+
 def test_resume_with_another_model_size(shards, workdir):
   err = expect_error(config(shards, **{"model.dim": 128}), workdir,
                      ckpt_lib.CheckpointMismatchError,
@@ -340,7 +369,7 @@ def test_workdir_in_read_only_directory(shards, tmp_path):
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(shards, workdir):
   err = expect_error(config(shards, **{"optim.lr": 1e38, "ckpt.every_steps": 100}), workdir,
                      train.NonFiniteLossError, r"non-finite .*at step (\d+)",
-                     r"last good checkpoint \(2\) is kept")
+                     r"last good checkpoint \(2\) is kept", allow_config_change=True)
   assert int(re.search(r"at step (\d+)", str(err)).group(1)) >= 2  # the run resumed at step 2.
 
 
