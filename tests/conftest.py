@@ -23,3 +23,17 @@ def shards(tmp_path_factory):
   """Synthetic token shards of the smoke config (see train_helpers.write_shards), one per module."""
   from train_helpers import write_shards  # pylint: disable=g-import-not-at-top  (imports npp_jax)
   return write_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def gpt():
+  """The tiny reference GPT (tests/fixtures): state dict, reference I/O, converted params."""
+  from torch_files import gpt_fixture  # pylint: disable=g-import-not-at-top  (imports npp_jax)
+  return gpt_fixture()
+
+
+@pytest.fixture(scope="module")
+def vq_fx():
+  """The small reference VQ (tests/fixtures): state dict and reference I/O."""
+  from torch_files import load_npz  # pylint: disable=g-import-not-at-top  (imports npp_jax)
+  return load_npz("llamagen_vq_small.npz")
