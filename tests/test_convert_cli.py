@@ -199,7 +199,8 @@ def test_cli_vq_strict_errors_and_ema(tmp_path, vq_fx, capsys):
   bad = {k: v for k, v in sd.items() if k != "decoder.conv_out.bias"}
   bad["decoder.extra.weight"] = np.zeros(3, np.float32)
   path = write_pt(tmp_path / "bad.pt", {"model": sd, "ema": bad})
-  code, _, err = run_cli(capsys, "--kind", "vq", "--src", path, "--dst", tmp_path / "out", "--use_ema")
+  code, _, err = run_cli(capsys, "--kind", "vq", "--src", path, "--dst", tmp_path / "out",
+                         "--use_ema")
   assert code == 1 and "decoder.conv_out.bias" in err and "decoder.extra.weight" in err
   code, _, err = run_cli(capsys, "--kind", "vq", "--src", TINY_PT, "--dst", tmp_path / "out")
   assert code == 1 and "encoder.conv_in.weight" in err  # a GPT file is not a tokenizer
