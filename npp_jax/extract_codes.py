@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from npp_jax import data, extract_plan, preprocess, sharding, vq
+from npp_jax import checkpoint, data, extract_plan, preprocess, sharding, vq
 from npp_jax.image_sources import ImageSource, SourceError, open_sources
 
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -111,11 +111,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   every = get("log_every_seconds")
   if isinstance(every, bool) or not isinstance(every, (int, float)) or not every >= 0:
     raise ValueError(f"config.log_every_seconds={every!r} must be a number >= 0")
-
-
-def _local_abspath(path: str) -> str:
-  """An absolute path for a local path, so its spelling does not change the plan; URLs as is."""
-  return path if "://" in path else os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -181,7 +176,7 @@ def _shard_header(sources: Mapping[str, ImageSource], model: vq.VQModel,
       "view_names": names,
       "view_layout": layout,
       "preprocessing": "PIL RGB decode, ADM center_crop_arr, ToTensor, Normalize(0.5, 0.5)",
-      "tokenizer": {"checkpoint": _local_abspath(str(config.vq_checkpoint)),
+      "tokenizer": {"checkpoint": str(checkpoint.as_path(config.vq_checkpoint)),
                     "config": dataclasses.asdict(cfg)},
   }
   return dict(grid_size=size // cfg.downsample_factor, vocab_size=cfg.codebook_size,
