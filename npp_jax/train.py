@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, data, optim, patching, sharding
+from npp_jax import config_lib, data, kernels, optim, patching, sharding
 from npp_jax import model as model_lib
 
 State = dict[str, Any]
@@ -44,8 +44,9 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, patch_size: 
   x = model.hidden(batch["codes"], batch["labels"], patch_size=patch_size,
                    deterministic=rng is None, rng=rng)
   h = model.normed(x)
-  return patching.output_patch_loss(h, model.output[...].astype(h.dtype),
-                                    patching.group_targets(batch["codes"], patch_size))
+  return kernels.output_patch_loss(h, model.output[...].astype(h.dtype),
+                                   patching.group_targets(batch["codes"], patch_size),
+                                   kernels=kernels.resolve(model.cfg.kernels))
 
 
 def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
