@@ -123,11 +123,16 @@ class StepFns:
     self.mesh = mesh
     self.compiled: dict[int, Callable] = {}
 
+  def lower(self, patch_size: int, state: State, batch: dict) -> jax.stages.Lowered:
+    """The train step of `patch_size` lowered for these arguments (arrays or abstract
+    ShapeDtypeStructs with shardings: `npp_jax.aot` compiles it for a TPU topology)."""
+    with sharding.use_mesh(self.mesh):
+      return self._make(patch_size).lower(state, batch)
+
   def __call__(self, patch_size: int, state: State, batch: dict) -> tuple[State, dict]:
     if patch_size not in self.compiled:
       t0 = time.time()
-      with sharding.use_mesh(self.mesh):
-        self.compiled[patch_size] = self._make(patch_size).lower(state, batch).compile()
+      self.compiled[patch_size] = self.lower(patch_size, state, batch).compile()
       logging.info("Compiled the train step for patch size %d in %.1fs.", patch_size,
                    time.time() - t0)
     with sharding.use_mesh(self.mesh):
