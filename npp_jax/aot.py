@@ -190,7 +190,11 @@ def _cost(compiled) -> dict:
   return cost or {}
 
 
-def analyse(prog: Program, pl: Plan) -> dict:
+def _hlo_name(prog: Program) -> str:
+  return prog.name + (f"_p{prog.patch_size}" if prog.patch_size else "") + ".hlo.txt"
+
+
+def analyse(prog: Program, pl: Plan, hlo_dir: str | None = None) -> dict:
   """Compiles one program and returns its figures (per device unless named otherwise)."""
   acc, n_dev = pl.accelerator, len(pl.devices)
   per_chip = n_dev // acc.num_chips  # v4 topologies describe each TensorCore as a device.
@@ -205,7 +209,11 @@ def analyse(prog: Program, pl: Plan) -> dict:
         "aliased": int(mem.alias_size_in_bytes)}
   by["total"] = (by["arguments"] + by["outputs"] - by["aliased"] + by["temporaries"] + by["code"])
   cost = _cost(compiled)
-  hlo = hlo_cost.analyse(compiled.as_text())
+  text = compiled.as_text()
+  if hlo_dir:
+    from etils import epath
+    (epath.Path(hlo_dir) / _hlo_name(prog)).write_text(text)
+  hlo = hlo_cost.analyse(text, n_dev)
   flops_analytic = prog.flops_analytic / n_dev
   est = hlo_cost.roofline(flops=max(hlo.flops, flops_analytic), bytes_accessed=hlo.bytes_accessed,
                           collective_bytes=hlo.collective_bytes, peak_flops=peak,
@@ -294,15 +302,16 @@ def format_table(rep: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
         num_train_images: int = IMAGENET_TRAIN_IMAGES, sample_per_device_batch: int = 32,
-        log: Callable[[str], None] = print) -> dict:
-  """Plans, compiles and analyses every program; raises DoesNotFitError if one does not fit."""
+        log: Callable[[str], None] = print, hlo_dir: str | None = None) -> dict:
+  """Plans, compiles and analyses every program; raises DoesNotFitError if one does not fit.
+  With `hlo_dir`, each program's optimised TPU HLO is written there (<name>[_p<p>].hlo.txt)."""
   pl = plan(config, topology, programs=programs, num_train_images=num_train_images,
             sample_per_device_batch=sample_per_device_batch)
   results = []
   for prog in pl.programs:
     log(f"Compiling {prog.name}" + (f" (patch size {prog.patch_size})" if prog.patch_size else "")
         + f" for {topology} ...")
-    results.append(analyse(prog, pl))
+    results.append(analyse(prog, pl, hlo_dir))
   rep = report(results, pl, config)
   log(format_table(rep))
   check_fits(results, pl)
@@ -316,11 +325,13 @@ def main(argv):
   programs = tuple(p for p in f.programs.split(",") if p)
   if f.config.sample.vq_checkpoint and "vq_decode" not in programs and f.programs == _DEFAULT:
     programs += ("vq_decode",)
+  # TPU executables cannot be reloaded on this host: keep them out of a persistent cache.
+  jax.config.update("jax_enable_compilation_cache", False)
   # stdout carries the table (and the JSON last); libtpu's own warnings go to stderr.
   try:
     rep = run(f.config, f.topology, programs=programs, num_train_images=f.num_train_images,
               sample_per_device_batch=f.sample_per_device_batch,
-              log=lambda s: print(s, flush=True))
+              log=lambda s: print(s, flush=True), hlo_dir=f.hlo_dir)
   except DoesNotFitError as e:
     print(f"Does not fit: {e}", file=sys.stderr)
     sys.exit(3)
@@ -347,6 +358,7 @@ if __name__ == "__main__":
                        "Training set size, for the schedule's steps (ImageNet-1k train).")
   flags.DEFINE_integer("sample_per_device_batch", 32, "Images per device of the sampler "
                        "(as the sampling CLI's --per_device_batch).")
+  flags.DEFINE_string("hlo_dir", None, "Write each program's optimised TPU HLO here.")
   flags.DEFINE_bool("json", False, "Print one JSON object as the last line of stdout.")
   flags.mark_flags_as_required(["config", "topology"])
   app.run(main)

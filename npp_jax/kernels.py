@@ -36,6 +36,8 @@ KERNELS = ("auto", "cpu", "xla")
 CPU_LOSS_CHUNK_BYTES = 1 << 24
 # The accelerator loss splits only to bound memory: one chunk's float32 logits per device.
 XLA_LOSS_CHUNK_BYTES = 1 << 30
+# Name scope of the CPU-only kernels in a program's op names (tests check a TPU program has none).
+CPU_SCOPE = "cpu_kernel"
 
 
 def target_platform() -> str:
@@ -76,9 +78,10 @@ def dense(x: jax.Array, w: jax.Array, n_in: int, kernels: str) -> jax.Array:
   """
   if kernels != "cpu":
     return jnp.tensordot(x, w, axes=n_in)
-  lead, i = x.shape[: x.ndim - n_in], math.prod(w.shape[:n_in])
-  y = jnp.dot(x.reshape(-1, i), w.reshape(i, -1))
-  return y.reshape(*lead, *w.shape[n_in:])
+  with jax.named_scope(CPU_SCOPE):
+    lead, i = x.shape[: x.ndim - n_in], math.prod(w.shape[:n_in])
+    y = jnp.dot(x.reshape(-1, i), w.reshape(i, -1))
+    return y.reshape(*lead, *w.shape[n_in:])
 
 
 def scan_unroll(setting: int, n_layer: int, kernels: str) -> int:
@@ -104,13 +107,14 @@ def causal_attention(q_BxLxHxE: jax.Array, k_BxLxJxE: jax.Array, v_BxLxJxE: jax.
   """
   if kernels != "cpu":
     return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, is_causal=True)
-  l = q_BxLxHxE.shape[1]
-  if l < 128 or l % 2:
-    return _causal_attention_block(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, 0)
-  c = l // 2
-  first = _causal_attention_block(q_BxLxHxE[:, :c], k_BxLxJxE[:, :c], v_BxLxJxE[:, :c], 0)
-  second = _causal_attention_block(q_BxLxHxE[:, c:], k_BxLxJxE, v_BxLxJxE, c)
-  return jnp.concatenate([first, second], axis=1)
+  with jax.named_scope(CPU_SCOPE):
+    l = q_BxLxHxE.shape[1]
+    if l < 128 or l % 2:
+      return _causal_attention_block(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, 0)
+    c = l // 2
+    first = _causal_attention_block(q_BxLxHxE[:, :c], k_BxLxJxE[:, :c], v_BxLxJxE[:, :c], 0)
+    second = _causal_attention_block(q_BxLxHxE[:, c:], k_BxLxJxE, v_BxLxJxE, c)
+    return jnp.concatenate([first, second], axis=1)
 
 
 def _causal_attention_block(q_BxLxHxE: jax.Array, k_BxMxJxE: jax.Array, v_BxMxJxE: jax.Array,
