@@ -14,10 +14,4 @@ def get_config(arg=None):
   c.global_batch_size = 256
   c.optim.lr = 2e-4
   c.sample.cfg_scale = 1.75
-  # FSDP in groups of 8 devices, data parallel across groups (python -m npp_jax.aot on v5p-64:
-  # estimated MFU 41% / 51% at p = 2 / 1, vs 21-33% / 40-48% with 32, 4 or 1 devices per FSDP
-  # group; see README "Compile for the slice before renting it"). No remat: it fits v5p's HBM.
-  c.mesh.data = -1
-  c.mesh.fsdp = 8
-  c.model.remat = "none"
   return c

@@ -12,10 +12,5 @@ def get_config(arg=None):
   c.model.variant = "XXL"
   c.global_batch_size = 512  # lr 1e-4 per 256 -> 2e-4, as LlamaGen-XXL.
   c.sample.cfg_scale = 1.65
-  # FSDP in groups of 8 devices, data parallel across groups (python -m npp_jax.aot on v5p-64:
-  # estimated MFU 41% / 51% at p = 2 / 1, vs 21-33% / 40-48% with 32, 4 or 1 devices per FSDP
-  # group; see README "Compile for the slice before renting it"). No remat: it fits v5p's HBM.
-  c.mesh.data = -1
-  c.mesh.fsdp = 8
-  c.model.remat = "none"
+  c.model.remat = "none"  # fits v5p's HBM without remat (python -m npp_jax.aot; README).
   return c

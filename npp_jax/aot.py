@@ -76,6 +76,7 @@ class Plan:
   mesh: jax.sharding.Mesh
   programs: list[Program]
   schedule: patching.Schedule
+  compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
@@ -141,7 +142,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
     out.append(_sample_program(config, model_cfg, data_mesh, sb))
   if "vq_decode" in programs:
     out.append(_vq_program(model_cfg, data_mesh, sb))
-  return Plan(acc, devices, mesh, out, schedule)
+  options = (dict(config.get("tpu_compiler_options") or {})
+             if devices and devices[0].platform == "tpu" else {})
+  return Plan(acc, devices, mesh, out, schedule, options)
 
 
 def _sample_program(config, model_cfg, mesh, batch: int) -> Program:
@@ -201,7 +204,7 @@ def analyse(prog: Program, pl: Plan, hlo_dir: str | None = None) -> dict:
   hbm = acc.chip.hbm_bytes // per_chip
   peak = acc.chip.peak_bf16_flops / per_chip
   t0 = time.time()
-  compiled = prog.lower().compile()
+  compiled = prog.lower().compile(compiler_options=pl.compiler_options or None)
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   by = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
