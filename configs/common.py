@@ -51,9 +51,13 @@ def get_config(arg=None):
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # per 256 images of global batch; scaled linearly to global_batch_size.
-  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment.
-  c.optim.warmup_epochs = 1.0  # per segment.
-  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment.
+  # "npp": per-segment warmup / constant / decay (the NPP code's --scheduler); "constant": the LR
+  # never changes (LlamaGen's baselines, trained without --scheduler; end_lr, warmup_epochs and
+  # decay_fraction are then unused).
+  c.optim.schedule = "npp"
+  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment ("npp").
+  c.optim.warmup_epochs = 1.0  # per segment ("npp").
+  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment ("npp").
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05  # on >= 2-D parameters only.
