@@ -72,7 +72,7 @@ def get_config(arg=None):
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 5000  # plus every segment boundary and the end.
   c.ckpt.keep = 3
-  c.ckpt.init_from = ""  # params-only orbax checkpoint (e.g. converted LlamaGen weights).
+  c.ckpt.init_from = ""  # params-only checkpoint dir, or hub weights (npp-b, hf://OWNER/REPO/FILE).
 
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
@@ -86,5 +86,5 @@ def get_config(arg=None):
   c.sample.top_k = 0
   c.sample.top_p = 1.0
   c.sample.grid_classes = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's demo classes.
-  c.sample.vq_checkpoint = ""  # converted VQ-16 weights, to decode sample grids.
+  c.sample.vq_checkpoint = ""  # VQ-16 to decode sample grids: a converted dir, .pt, hf://..., "vq-16".
   return c
