@@ -34,7 +34,8 @@ from npp_jax import config_lib, convert, hub, sharding, vq
 from npp_jax import model as model_lib
 
 NO_DROPOUT = dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
-_RUN_CHOICES = set(NO_DROPOUT) | {"dtype", "remat", "scan_unroll"}  # not the checkpoint's to set
+# ModelConfig fields that are choices of this run, not the checkpoint's to set.
+_RUN_CHOICES = set(NO_DROPOUT) | {"dtype", "remat", "scan_unroll", "kernels"}
 
 
 def converted(spec: str, kind: str, *, n_head: int | None = None) -> str:
