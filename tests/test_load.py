@@ -11,20 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import smoke
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import config_lib, load, sharding
-from test_sample import _randomised
+from test_sample import _randomised, _smoke_config
 from torch_files import TINY_PT
 
 PACKAGE = pathlib.Path(load.__file__).parent
-
-
-def _smoke_config(**model):
-  c = smoke.get_config()
-  for k, v in model.items():
-    c.model[k] = v
-  return c
 
 
 def _same_params(a, b):
