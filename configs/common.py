@@ -89,5 +89,5 @@ def get_config(arg=None):
   c.sample.top_k = 0
   c.sample.top_p = 1.0
   c.sample.grid_classes = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's demo classes.
-  c.sample.vq_checkpoint = ""  # VQ-16 to decode sample grids: a converted dir, .pt, hf://..., "vq-16".
+  c.sample.vq_checkpoint = ""  # VQ-16 for sample grids: "vq-16", hf://..., a converted dir, a .pt.
   return c

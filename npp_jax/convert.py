@@ -426,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     out = convert_checkpoint(args.kind, args.src, args.dst, variant=args.variant,
                              n_head=args.n_head, use_ema=args.use_ema, **overrides)
-  except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+  except (ValueError, OSError) as e:  # bad input; missing or unreadable files, failed downloads
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out['dst']}/params ({out['num_params']:,} parameters, float32) and "

@@ -188,7 +188,7 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
                                    else dict(config.mesh))
   out = epath.Path(out)
   model = load.load_model(checkpoint, config, use_ema=use_ema, mesh=device_mesh)
-  # The checkpoint's model_config.json wins over the config (load.load_model warns when they differ).
+  # The checkpoint's model_config.json wins over the config (load.load_model warns if they differ).
   num_classes = model.cfg.num_classes
   all_labels = make_labels(num_samples, num_classes, seed, labels)
   dec = sample.make_decoder(decoder, model.cfg, device_mesh,

@@ -78,7 +78,8 @@ def test_bad_checkpoints_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing"):
     load.load_model(str(tmp_path / "nothing"), _smoke_config())
   vq_dir = tmp_path / "vq_as_gpt"  # a tokenizer's model_config.json where a GPT's is expected
-  ckpt_lib.save_params(vq_dir, {"w": np.zeros(2)}, model_config={"codebook_size": 64, "z_channels": 4})
+  ckpt_lib.save_params(vq_dir, {"w": np.zeros(2)},
+                       model_config={"codebook_size": 64, "z_channels": 4})
   with pytest.raises(ValueError, match="codebook_size.*config.sample.vq_checkpoint"):
     load.load_model(str(vq_dir), _smoke_config())
   with pytest.raises(ValueError, match="use_ema"):

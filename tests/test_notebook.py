@@ -48,7 +48,7 @@ def test_runtime_detection_from_the_environment():
   assert not colab.in_range("0.11.0", "jax>=0.10.2,<0.11")
 
 
-_SIMULATED_COLAB = '''# Test set-up (tests/test_notebook.py): a simulated Colab GPU runtime, the local hub stub.
+_SIMULATED_COLAB = '''# Test set-up (tests/test_notebook.py): a simulated Colab GPU runtime, a local hub.
 import os, shutil, subprocess, sys, types
 colab_module = sys.modules["google.colab"] = types.ModuleType("google.colab")
 colab_module.output = types.ModuleType("google.colab.output")  # jax's debugger imports it on Colab
@@ -67,7 +67,7 @@ def _simulated(args, *a, **k):  # pip and git are recorded; git clone copies thi
 
 subprocess.run = _simulated'''
 
-_TINY_RELEASE = '''# Test set-up: the stub serves tiny weights as npp-b (2 layers, 4 heads, width 64).
+_TINY_RELEASE = '''# Test set-up: the stub serves tiny weights as npp-b (2 layers, 4 heads, width 64)
 import dataclasses
 from npp_jax import hub, model as _model
 _model.VARIANTS["tiny"] = (2, 4, 64)
@@ -86,9 +86,9 @@ def test_notebook_runs_on_a_simulated_colab_against_the_hub_stub(tmp_path):
   params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
   assert re.search(r'(?m)^MODEL = "npp-b"', params.source)  # the default is the released NPP-B
   install_dir = tmp_path / "content" / "npp_jax"
-  params.source = re.sub(r"(?m)^INSTALL_DIR = .*$", f"INSTALL_DIR = {str(install_dir)!r}",
-                         re.sub(r"(?m)^REPO_URL = .*$", 'REPO_URL = "https://example.test/npp_jax.git"',
-                                params.source))
+  source = re.sub(r"(?m)^REPO_URL = .*$", 'REPO_URL = "https://example.test/npp_jax.git"',
+                  params.source)
+  params.source = re.sub(r"(?m)^INSTALL_DIR = .*$", f"INSTALL_DIR = {str(install_dir)!r}", source)
   with HubStub() as stub:
     stub.add("pytttttt/LlamaGen-NPP", "c2i_B_256.pt", TINY_PT.read_bytes())
     stub.add("FoundationVision/LlamaGen", "vq_ds16_c2i.pt",
