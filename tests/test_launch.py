@@ -22,7 +22,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["create_tpu.sh", "setup_workers.sh", "run.sh", "stop.sh", "delete_tpu.sh"]
+SCRIPTS = ["create_tpu.sh", "setup_workers.sh", "run.sh", "stop.sh", "delete_tpu.sh",
+           "supervise.sh"]
 ZONE = "us-central2-b"
 WORKDIR = "gs://my-bucket/runs/npp_xl"
 TRICKY_FLAG = "--config.sample.note=it's a \"test\" of $HOME; `x` \\ \n+ &"
@@ -115,7 +116,7 @@ def _write_exe(path, text):
 
 # ----------------------------------------------------------------------------- the scripts' shape
 
-@pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
+@pytest.mark.parametrize("script", SCRIPTS + ["common.sh", "build_wheelhouse.sh"])
 def test_scripts_parse_and_are_strict(script):
   path = LAUNCH / script
   subprocess.run(["bash", "-n", str(path)], check=True, capture_output=True, text=True)
@@ -203,6 +204,17 @@ def test_real_run_executes_the_printed_commands(script, args, env):
     ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--local_src", ".", "--repo", "x"],
      "--local_src excludes --repo"),
     ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--python", "python2"], "bad --python"),
+    ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--wheelhouse", "/wheels"], "bad --wheelhouse"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "eval", "--config", "c.py"], "bad --cli 'eval'"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "sample", "--config", "configs/npp_xl.py",
+                "--", "--out=gs://my-bucket/s"], "needs --checkpoint"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "sample", "--config", "configs/npp_xl.py",
+                "--", "--checkpoint=gs://my-bucket/c", "--out", "/tmp/s"],
+     "--out '/tmp/s' is not a gs:// path"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "extract", "--config", "configs/x.py",
+                "--workdir", WORKDIR], "--workdir is for --cli train"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "extract", "--config", "configs/x.py",
+                "--", "--config.out=tokens"], "--config.out 'tokens' is not a gs:// path"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--workdir", WORKDIR], "missing --config"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py"], "missing --workdir"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py", "--workdir",
@@ -238,6 +250,29 @@ def test_run_command(env):
   assert (f"set -- python -m npp_jax.main --config=configs/npp_xl.py --workdir={WORKDIR} "
           "--config.data.path=gs://my-bucket/tokens --max_steps=10\n") in script
   assert 'nohup setsid "$@" >> "$HOME/npp_jax_logs/train.log" 2>&1 < /dev/null &' in script
+
+
+@pytest.mark.parametrize("cli, flags, module", [
+    ("sample", ["--checkpoint=gs://my-bucket/ckpt", "--out", "gs://my-bucket/samples"],
+     "npp_jax.sample"),
+    ("extract", ["--config.out=gs://my-bucket/tokens"], "npp_jax.extract_codes"),
+    ("extract", [], "npp_jax.extract_codes"),  # the output named in the config file
+])
+def test_run_other_clis(cli, flags, module, env, recording_home):
+  """--cli sample / extract start their module on every worker, with their own log."""
+  (ssh,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--config",
+                    "configs/npp_xl.py", "--", *flags, env=env)
+  script = _remote_script(ssh)
+  assert f'>> "$HOME/npp_jax_logs/{cli}.log"' in script and "--worker=all" in ssh
+  out = recording_home / "nohup.bin"
+  out.unlink(missing_ok=True)
+  (recording_home / "npp_jax_logs" / "run.pid").unlink(missing_ok=True)
+  _sh(script, recording_home, path_prefix=recording_home / "bin")
+  _wait_for(out)
+  assert out.read_bytes().decode().split("\0")[:-1] == [
+      "setsid", "python", "-m", module, "--config=configs/npp_xl.py", *flags]
+  (logs,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--logs", env=env)
+  assert f"$HOME/npp_jax_logs/{cli}.log" in _remote_script(logs)
 
 
 def test_run_attach_and_logs(env):
@@ -281,7 +316,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
   _fake_worker(home)
   logs = home / "npp_jax_logs"
   logs.mkdir()
-  (logs / "train.pid").write_text(f"{os.getpid()}\n")  # stale pid of another process: ignored
+  (logs / "run.pid").write_text(f"{os.getpid()}\n")  # stale pid of another process: ignored
   extra = ["--config.data.path=gs://my-bucket/tokens", TRICKY_FLAG]
   (ssh,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py",
                     "--workdir", WORKDIR, "--", *extra, env=env)
@@ -290,7 +325,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
   try:
     started = _sh(_remote_script(ssh), home)
     _wait_for(home / "argv.bin")
-    pid = int((logs / "train.pid").read_text())
+    pid = int((logs / "run.pid").read_text())
     assert f"started pid {pid}" in started.stdout
     argv = (home / "argv.bin").read_bytes().decode().split("\0")[:-1]
     assert argv == ["-m", "npp_jax.main", "--config=configs/npp_xl.py", f"--workdir={WORKDIR}",
@@ -304,7 +339,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
     stopped = _sh(_remote_script(stop), home)
     assert f"pid {pid} stopped after" in stopped.stdout
     assert (home / "term.txt").read_text() == "TERM\n"
-    assert not (logs / "train.pid").exists()
+    assert not (logs / "run.pid").exists()
     assert "no run recorded" in _sh(_remote_script(stop), home).stdout
   finally:
     if pid is not None and not (home / "term.txt").exists():
@@ -347,7 +382,7 @@ def test_main_flags_reach_python_verbatim(extra, env, recording_home):
                     "--workdir", WORKDIR, "--", *extra, env=env)
   out = recording_home / "nohup.bin"
   out.unlink(missing_ok=True)
-  (recording_home / "npp_jax_logs" / "train.pid").unlink(missing_ok=True)
+  (recording_home / "npp_jax_logs" / "run.pid").unlink(missing_ok=True)
   _sh(_remote_script(ssh), recording_home, path_prefix=recording_home / "bin")
   _wait_for(out)
   assert out.read_bytes().decode().split("\0")[:-1] == [
@@ -430,6 +465,33 @@ def test_setup_from_local_checkout(env, tmp_path):
   install = [f"{home}/npp_jax|-m pip install -q --upgrade pip",
              f"{home}/npp_jax|-m pip install -q -e .[tpu]", f"{home}/npp_jax|-c import npp_jax"]
   assert (home / "python_calls.txt").read_text().splitlines() == install * 2
+
+
+def test_setup_from_a_wheelhouse(env, tmp_path):
+  """--wheelhouse: the workers copy the bucket's wheels with gcloud and pip installs only from
+  them (no package index)."""
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  (bucket / "jax-0.10.2-py3-none-any.whl").write_text("")
+  (ssh,) = _dry_run("setup_workers.sh", "my-tpu", "--zone", ZONE, "--repo", "file:///nowhere",
+                    "--wheelhouse", "gs://my-bucket/wheels/", env=env)
+  script = _remote_script(ssh)
+  assert "gcloud storage cp 'gs://my-bucket/wheels/*'" in script
+  home = tmp_path / "home"
+  (home / "npp_jax" / ".git").mkdir(parents=True)
+  fake_bin = _fake_tools(home)
+  _write_exe(fake_bin / "git", "#!/usr/bin/env bash\n")
+  # The worker's gcloud, with the bucket at tmp_path/bucket.
+  _write_exe(fake_bin / "gcloud", f"""#!/usr/bin/env bash
+[ "$1 $2 $3" = "storage cp gs://my-bucket/wheels/*" ] || exit 9
+cp {bucket}/* "$4"
+""")
+  _sh(script, home, path_prefix=fake_bin)
+  assert (home / "npp_jax_wheels" / "jax-0.10.2-py3-none-any.whl").exists()
+  wheels = f"--no-index --find-links={home}/npp_jax_wheels"
+  assert (home / "python_calls.txt").read_text().splitlines()[:2] == [
+      f"{home}/npp_jax|-m pip install -q {wheels} --upgrade pip",
+      f"{home}/npp_jax|-m pip install -q {wheels} -e .[tpu]"]
 
 
 def test_setup_defaults_to_this_checkout(env):
