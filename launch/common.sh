@@ -129,6 +129,20 @@ cli_module() {
   esac
 }
 
+# Prints the value of flag $1 among the arguments after it ("--flag=value" or "--flag value"),
+# or nothing when it is not there.
+arg_value() {
+  local name=$1
+  shift
+  while (($#)); do
+    case "$1" in
+      "$name="*) printf '%s' "${1#*=}"; return ;;
+      "$name") printf '%s' "${2:-}"; return ;;
+    esac
+    shift
+  done
+}
+
 # Checks a --worker value: "all" or a worker index.
 require_worker() {
   [[ $1 == all || $1 =~ ^[0-9]+$ ]] || die "bad --worker '$1' (expected 'all' or a worker index)"

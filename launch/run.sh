@@ -104,17 +104,6 @@ require_shared() {
   fi
 }
 
-# The value of flag $1 among CLI_FLAGS ("--flag=value" or "--flag value"), or "".
-cli_flag() {
-  local i
-  for ((i = 0; i < ${#MAIN_FLAGS[@]}; i++)); do
-    case "${MAIN_FLAGS[i]}" in
-      "$1="*) printf '%s' "${MAIN_FLAGS[i]#*=}"; return ;;
-      "$1") printf '%s' "${MAIN_FLAGS[i + 1]:-}"; return ;;
-    esac
-  done
-}
-
 for flag in ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}; do
   case "$flag" in
     --config | --config=*) die "pass '$flag' as run.sh's own --config, not after '--'" ;;
@@ -130,13 +119,13 @@ case "$CLI" in
     ARGS+=("--workdir=$WORKDIR") ;;
   sample)
     [[ -z $WORKDIR ]] || die "--workdir is for --cli train; sample writes to --out (after '--')"
-    OUT=$(cli_flag --out)
-    [[ -n $OUT && -n $(cli_flag --checkpoint) ]] ||
+    OUT=$(arg_value --out ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
+    [[ -n $OUT && -n $(arg_value --checkpoint ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}) ]] ||
       die "--cli sample needs --checkpoint=... and --out=gs://... after '--'"
     require_shared --out "$OUT" ;;
   extract)
     [[ -z $WORKDIR ]] || die "--workdir is for --cli train; extract writes to --config.out"
-    OUT=$(cli_flag --config.out)
+    OUT=$(arg_value --config.out ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
     if [[ -n $OUT ]]; then require_shared --config.out "$OUT"; fi ;;
 esac
 

@@ -68,15 +68,7 @@ require_name_and_zone
 ((${#RUN_ARGS[@]})) || die "missing RUN_ARGS after '--' (run.sh's --config, --workdir, ...)"
 
 # The file that tells the run finished, from RUN_ARGS (see the usage) unless --done names it.
-run_arg() {  # the value of run.sh flag $1 in RUN_ARGS ("--f=v" or "--f v"), or ""
-  local i
-  for ((i = 0; i < ${#RUN_ARGS[@]}; i++)); do
-    case "${RUN_ARGS[i]}" in
-      "$1="*) printf '%s' "${RUN_ARGS[i]#*=}"; return ;;
-      "$1") printf '%s' "${RUN_ARGS[i + 1]:-}"; return ;;
-    esac
-  done
-}
+run_arg() { arg_value "$1" "${RUN_ARGS[@]}"; }  # the value of run.sh flag $1 in RUN_ARGS
 if [[ -z $DONE ]]; then
   case "$(run_arg --cli)" in
     "" | train) DONE=$(run_arg --workdir)/finished.json ;;

@@ -252,29 +252,6 @@ def test_run_command(env):
   assert 'nohup setsid "$@" >> "$HOME/npp_jax_logs/train.log" 2>&1 < /dev/null &' in script
 
 
-@pytest.mark.parametrize("cli, flags, module", [
-    ("sample", ["--checkpoint=gs://my-bucket/ckpt", "--out", "gs://my-bucket/samples"],
-     "npp_jax.sample"),
-    ("extract", ["--config.out=gs://my-bucket/tokens"], "npp_jax.extract_codes"),
-    ("extract", [], "npp_jax.extract_codes"),  # the output named in the config file
-])
-def test_run_other_clis(cli, flags, module, env, recording_home):
-  """--cli sample / extract start their module on every worker, with their own log."""
-  (ssh,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--config",
-                    "configs/npp_xl.py", "--", *flags, env=env)
-  script = _remote_script(ssh)
-  assert f'>> "$HOME/npp_jax_logs/{cli}.log"' in script and "--worker=all" in ssh
-  out = recording_home / "nohup.bin"
-  out.unlink(missing_ok=True)
-  (recording_home / "npp_jax_logs" / "run.pid").unlink(missing_ok=True)
-  _sh(script, recording_home, path_prefix=recording_home / "bin")
-  _wait_for(out)
-  assert out.read_bytes().decode().split("\0")[:-1] == [
-      "setsid", "python", "-m", module, "--config=configs/npp_xl.py", *flags]
-  (logs,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--logs", env=env)
-  assert f"$HOME/npp_jax_logs/{cli}.log" in _remote_script(logs)
-
-
 def test_run_attach_and_logs(env):
   common = ["my-tpu", "--zone", ZONE]
   launch, tail = _dry_run("run.sh", *common, "--config", "configs/npp_xl.py:runlocal",
@@ -465,33 +442,6 @@ def test_setup_from_local_checkout(env, tmp_path):
   install = [f"{home}/npp_jax|-m pip install -q --upgrade pip",
              f"{home}/npp_jax|-m pip install -q -e .[tpu]", f"{home}/npp_jax|-c import npp_jax"]
   assert (home / "python_calls.txt").read_text().splitlines() == install * 2
-
-
-def test_setup_from_a_wheelhouse(env, tmp_path):
-  """--wheelhouse: the workers copy the bucket's wheels with gcloud and pip installs only from
-  them (no package index)."""
-  bucket = tmp_path / "bucket"
-  bucket.mkdir()
-  (bucket / "jax-0.10.2-py3-none-any.whl").write_text("")
-  (ssh,) = _dry_run("setup_workers.sh", "my-tpu", "--zone", ZONE, "--repo", "file:///nowhere",
-                    "--wheelhouse", "gs://my-bucket/wheels/", env=env)
-  script = _remote_script(ssh)
-  assert "gcloud storage cp 'gs://my-bucket/wheels/*'" in script
-  home = tmp_path / "home"
-  (home / "npp_jax" / ".git").mkdir(parents=True)
-  fake_bin = _fake_tools(home)
-  _write_exe(fake_bin / "git", "#!/usr/bin/env bash\n")
-  # The worker's gcloud, with the bucket at tmp_path/bucket.
-  _write_exe(fake_bin / "gcloud", f"""#!/usr/bin/env bash
-[ "$1 $2 $3" = "storage cp gs://my-bucket/wheels/*" ] || exit 9
-cp {bucket}/* "$4"
-""")
-  _sh(script, home, path_prefix=fake_bin)
-  assert (home / "npp_jax_wheels" / "jax-0.10.2-py3-none-any.whl").exists()
-  wheels = f"--no-index --find-links={home}/npp_jax_wheels"
-  assert (home / "python_calls.txt").read_text().splitlines()[:2] == [
-      f"{home}/npp_jax|-m pip install -q {wheels} --upgrade pip",
-      f"{home}/npp_jax|-m pip install -q {wheels} -e .[tpu]"]
 
 
 def test_setup_defaults_to_this_checkout(env):

@@ -1,5 +1,6 @@
-"""Tests for launch/supervise.sh (the loop that recreates a preempted slice and reruns the run until
-it is finished) and launch/build_wheelhouse.sh, against a scripted fake gcloud.
+"""Tests for what launch/ gained for pods: supervise.sh (the loop that recreates a preempted slice
+and reruns the run until it is finished), against a scripted fake gcloud; run.sh --cli sample /
+extract; build_wheelhouse.sh and setup_workers.sh --wheelhouse (helpers from test_launch.py).
 
 The fake gcloud answers from a script of what the cloud does next: the slice's state at each
 `describe`, whether the run is alive at each check over ssh, whether the finished marker exists at
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 
-from test_launch import REPO, WORKDIR, ZONE, _dry_run, _launch, env  # noqa: F401  (env: a fixture)
+from test_launch import (REPO, WORKDIR, ZONE, _dry_run, _fake_tools, _launch, _remote_script, _sh,
+                         _wait_for, _write_exe, env, recording_home)  # noqa: F401  (fixtures)
 
 SCRIPTED_GCLOUD = f"""#!{sys.executable}
 import json, os, sys
@@ -157,3 +159,57 @@ def test_build_wheelhouse_dry_run(env):
   assert upload == ["gcloud", "storage", "cp", f"{wheels}/*", "gs://my-bucket/wheels/"]
   p = _launch("build_wheelhouse.sh", "/tmp/wheels", env=env)
   assert p.returncode == 2 and "bad destination" in p.stderr
+
+
+# ----------------------------------------------------------------------------- run.sh --cli
+
+@pytest.mark.parametrize("cli, flags, module", [
+    ("sample", ["--checkpoint=gs://my-bucket/ckpt", "--out", "gs://my-bucket/samples"],
+     "npp_jax.sample"),
+    ("extract", ["--config.out=gs://my-bucket/tokens"], "npp_jax.extract_codes"),
+    ("extract", [], "npp_jax.extract_codes"),  # the output named in the config file
+])
+def test_run_other_clis(cli, flags, module, env, recording_home):
+  """--cli sample / extract start their module on every worker, with their own log."""
+  (ssh,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--config",
+                    "configs/npp_xl.py", "--", *flags, env=env)
+  script = _remote_script(ssh)
+  assert f'>> "$HOME/npp_jax_logs/{cli}.log"' in script and "--worker=all" in ssh
+  out = recording_home / "nohup.bin"
+  out.unlink(missing_ok=True)
+  (recording_home / "npp_jax_logs" / "run.pid").unlink(missing_ok=True)
+  _sh(script, recording_home, path_prefix=recording_home / "bin")
+  _wait_for(out)
+  assert out.read_bytes().decode().split("\0")[:-1] == [
+      "setsid", "python", "-m", module, "--config=configs/npp_xl.py", *flags]
+  (logs,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--cli", cli, "--logs", env=env)
+  assert f"$HOME/npp_jax_logs/{cli}.log" in _remote_script(logs)
+
+
+# ----------------------------------------------------------------------------- wheelhouse
+
+def test_setup_from_a_wheelhouse(env, tmp_path):
+  """--wheelhouse: the workers copy the bucket's wheels with gcloud and pip installs only from
+  them (no package index)."""
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  (bucket / "jax-0.10.2-py3-none-any.whl").write_text("")
+  (ssh,) = _dry_run("setup_workers.sh", "my-tpu", "--zone", ZONE, "--repo", "file:///nowhere",
+                    "--wheelhouse", "gs://my-bucket/wheels/", env=env)
+  script = _remote_script(ssh)
+  assert "gcloud storage cp 'gs://my-bucket/wheels/*'" in script
+  home = tmp_path / "home"
+  (home / "npp_jax" / ".git").mkdir(parents=True)
+  fake_bin = _fake_tools(home)
+  _write_exe(fake_bin / "git", "#!/usr/bin/env bash\n")
+  # The worker's gcloud, with the bucket at tmp_path/bucket.
+  _write_exe(fake_bin / "gcloud", f"""#!/usr/bin/env bash
+[ "$1 $2 $3" = "storage cp gs://my-bucket/wheels/*" ] || exit 9
+cp {bucket}/* "$4"
+""")
+  _sh(script, home, path_prefix=fake_bin)
+  assert (home / "npp_jax_wheels" / "jax-0.10.2-py3-none-any.whl").exists()
+  wheels = f"--no-index --find-links={home}/npp_jax_wheels"
+  assert (home / "python_calls.txt").read_text().splitlines()[:2] == [
+      f"{home}/npp_jax|-m pip install -q {wheels} --upgrade pip",
+      f"{home}/npp_jax|-m pip install -q {wheels} -e .[tpu]"]
