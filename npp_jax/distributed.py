@@ -33,7 +33,8 @@ def define_flags() -> None:
                       "host:port of process 0 (CPU/GPU clusters, tests); with --num_processes and "
                       "--process_id. On Cloud TPU slices, GKE, SLURM or Open MPI JAX finds these "
                       "by itself.")
-  flags.DEFINE_integer("num_processes", None, "Number of JAX processes (with --coordinator_address).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of JAX processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "Index of this process (with --coordinator_address).")
   flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                        "Multi-process: a peer silent this long is taken as dead and every process "
@@ -122,7 +123,8 @@ def _check_explicit(coordinator_address, num_processes, process_id) -> None:
 
 def initialize_from_flags(*, sigterm_stops: bool = False) -> str:
   """`initialize` with the values of the flags `define_flags` defined; logs the outcome."""
-  how = initialize(sigterm_stops=sigterm_stops, **{name: flags.FLAGS[name].value for name in _FLAGS})
+  values = {name: flags.FLAGS[name].value for name in _FLAGS}
+  how = initialize(sigterm_stops=sigterm_stops, **values)
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("Start-up: %s. JAX process %d of %d; %d local / %d global devices (%s).", how,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -134,7 +134,8 @@ def test_preemption_handler_needs_the_sync_service_with_several_processes(monkey
     ckpt_lib.install_preemption_handler()
   monkeypatch.setattr(jax_distributed.global_state, "preemption_sync_manager", object())
   ckpt_lib.install_preemption_handler()  # the manager owns SIGTERM: nothing to install here.
-  assert signal.getsignal(signal.SIGTERM) != ckpt_lib._SIGTERM._handler  # pylint: disable=protected-access
+  handler = ckpt_lib._SIGTERM._handler  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) != handler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +293,8 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step(shards, tmp_path):
   # final arrays differ by <= 5e-7; every logged loss agrees to its 6 printed digits).
   for step, loss in logged.items():
     assert loss == pytest.approx(ref["losses"][step], rel=1e-4), step
-  final, expected = read_state(checkpoints / "12"), read_state(tmp_path / "ref" / "checkpoints" / "12")
+  final = read_state(checkpoints / "12")
+  expected = read_state(tmp_path / "ref" / "checkpoints" / "12")
   assert sorted(final) == sorted(expected)
   for k in final:
     np.testing.assert_allclose(final[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)
