@@ -261,7 +261,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
   config, checkpoint = _config_and_checkpoint()
-  distributed.initialize_from_flags()
+  distributed.initialize_from_flags(sigterm_stops=True)  # resumes from what it wrote
   run(config, checkpoint, FLAGS.out, num_samples=FLAGS.num_samples,
       per_device_batch=FLAGS.per_device_batch, seed=FLAGS.seed, labels=FLAGS.labels,
       png=FLAGS.png, grid=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
