@@ -120,6 +120,8 @@ CONFIG_CASES = {
     "sampling_without_decoder": ({"sample_every_steps": 2},
                                  r"config\.sample_every_steps=2 needs config\.sample\.vq_checkpoint"),
     "negative_seed": ({"seed": -1}, r"config\.seed=-1 must be an int >= 0"),
+    "zero_eval_batches": ({"eval_batches": 0}, r"config\.eval_batches=0"),
+    "negative_profile_steps": ({"profile_steps": -2}, r"config\.profile_steps=-2"),
     "unknown_builtin_data": ({"data.builtin": "mnist"}, r"config\.data\.builtin='mnist' must be"),
     "empty_data_path": ({"data.path": ""}, r"config\.data\.path is empty"),
     "negative_workers": ({"data.num_workers": -1}, r"config\.data\.num_workers=-1 must be >= 0"),
