@@ -333,6 +333,10 @@ def _set_up(config, workdir: epath.Path, max_steps, allow_config_change) -> tupl
     raise ValueError(f"config.data.path={path} holds vocab {meta.vocab_size} and "
                      f"{meta.num_classes} classes, more than config.model.vocab_size="
                      f"{config.model.vocab_size} / config.model.num_classes={config.model.num_classes}.")
+  if config.data.builtin and meta.vocab_size != config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} must equal the vocabulary "
+                     f"({meta.vocab_size}) of config.data.builtin={config.data.builtin!r}: its "
+                     f"palette draws only those tokens.")
   if meta.grid_size != config.model.grid_size:
     raise ValueError(f"config.data.path={path} holds {meta.grid_size}x{meta.grid_size} "
                      f"token grids but config.model.grid_size={config.model.grid_size}.")

@@ -204,6 +204,14 @@ def test_data_vocab_larger_than_model(shards, workdir):
                r"holds vocab 64 .*config\.model\.vocab_size=32")
 
 
+def test_builtin_data_vocab_differs_from_model(shards, tmp_path):
+  """The built-in digits (vocab 16) with the smoke model's vocab 64: its palette could not draw
+  the samples, so set-up refuses before compiling."""
+  expect_error(config(shards, **{"data.builtin": "digits"}), tmp_path / "w", ValueError,
+               r"config\.model\.vocab_size=64 must equal the vocabulary \(16\) of "
+               r"config\.data\.builtin='digits'")
+
+
 def test_data_grid_differs_from_model(shards, workdir):
   expect_error(config(shards, **{"model.grid_size": 8}), workdir, ValueError,
                r"holds 16x16 token grids but config\.model\.grid_size=8")

@@ -183,3 +183,40 @@ def test_dry_run_gpt_b(tmp_path):
   assert "Mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stderr
   loss = float(re.search(r"train loss ([0-9.]+)", proc.stdout).group(1))
   assert loss == pytest.approx(np.log(16384), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_resumed_run_loads_its_steps_from_the_compilation_cache(shards, tmp_path):
+  """config.compile_cache (on by default, under the workdir): the first run fills it, a restart
+  loads its train step from it instead of compiling."""
+  workdir = tmp_path / "w"
+  overrides = {"compile_cache": "{workdir}/compile_cache", "data.eval_split": ""}
+  env = main_env(8, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even fast compiles.
+  runs = [subprocess.run(main_command(workdir, shards, overrides=overrides, extra=[f"--max_steps={n}"]),
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+          for n in (2, 1)]
+  for proc in runs:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"compilation cache: {workdir / 'compile_cache'}" in runs[0].stderr
+  assert list((workdir / "compile_cache").iterdir())
+  hit = re.compile(r"Compiled the train step for patch size 2 in [0-9.]+s \(loaded from the "
+                   r"persistent compilation cache\)")
+  assert not hit.search(runs[0].stderr) and hit.search(runs[1].stderr), runs[1].stderr[-3000:]
+  assert "Step 2: resumed from" in runs[1].stderr
+
+
+@pytest.mark.slow
+def test_builtin_digits_report_through_main(tmp_path):
+  """configs/smoke.py on the built-in digits (its docstring's command, plus an eval split): the
+  data set is built into the workdir and its report hook prints the baseline and the classifier's
+  agreement and writes samples.png."""
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "npp_jax.main", f"--config={ROOT}/configs/smoke.py",
+       f"--workdir={workdir}", "--config.data.builtin=digits", "--config.model.vocab_size=16",
+       "--config.data.eval_split=validation", "--config.compile_cache=", "--max_steps=2"],
+      cwd=ROOT, env=main_env(8), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "nats/token vs" in proc.stdout and "for the unigram baseline" in proc.stdout
+  assert "a digit classifier agrees with the class on" in proc.stdout
+  assert (workdir / "samples.png").exists() and (workdir / "digits_tokens" / "metadata.json").exists()
