@@ -94,6 +94,12 @@ def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef) -> dict
   return {"ce_sum": jnp.sum(ce * mask), "count": jnp.sum(mask)}
 
 
+def make_eval_step(graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+  """The jitted eval step of a run (`npp_jax.aot` compiles the same one for a TPU topology)."""
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                 out_shardings=sharding.replicated(mesh))
+
+
 class EvalLoss(Hook):
   """Mean next-token CE (nats/token) over config.eval_batches batches of config.data.eval_split,
   every config.eval_every_steps steps and at the end: `eval_loss` in TensorBoard and the summary.
@@ -117,10 +123,8 @@ class EvalLoss(Hook):
       batch = data.global_batch(batch, self.batch_shardings)
       with sharding.use_mesh(self.run.mesh):
         if self.compiled is None:
-          self.compiled = jax.jit(
-              functools.partial(eval_step, graphdef=self.run.graphdef),
-              out_shardings=sharding.replicated(self.run.mesh)).lower(
-                  state["params"], batch).compile()
+          self.compiled = make_eval_step(self.run.graphdef, self.run.mesh).lower(
+              state["params"], batch).compile()
         out = host(self.compiled(state["params"], batch))
       total, count = total + float(out["ce_sum"]), count + float(out["count"])
     return total / max(count, 1.0)
