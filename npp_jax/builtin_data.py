@@ -18,7 +18,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinData:
-  build: Callable[[epath.Path], epath.Path]  # writes its shards into a dir (idempotent); returns it.
+  build: Callable[[epath.Path], epath.Path]  # writes its shards into a dir (idempotent).
   decode: Callable[[np.ndarray], np.ndarray]  # codes_BxN -> uint8 images_BxHxWx3.
   hooks: Callable[[Any], list]  # (hooks.Run) -> the extra hooks of the training loop.
 

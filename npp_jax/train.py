@@ -248,7 +248,8 @@ class _Meter:
     self.reset()
 
   def reset(self) -> None:
-    self.t0, self.images, self.flops, self.wait, self.excluded = time.perf_counter(), 0, 0.0, 0.0, 0.0
+    self.t0, self.images, self.flops = time.perf_counter(), 0, 0.0
+    self.wait, self.excluded = 0.0, 0.0  # seconds waiting for data; in hooks and compiling.
 
   def step(self, patch_size: int) -> None:
     self.images += self.batch
@@ -256,7 +257,8 @@ class _Meter:
 
   def scalars(self) -> dict:
     dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
-    out = {"images_per_s": self.images / dt, "images_per_s_per_chip": self.images / dt / self.devices,
+    out = {"images_per_s": self.images / dt,
+           "images_per_s_per_chip": self.images / dt / self.devices,
            "tokens_per_s": self.images * self.tokens_per_image / dt,
            "host_data_wait_fraction": min(self.wait / dt, 1.0)}
     if self.peak:
@@ -311,10 +313,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       # run that finishes training.
       summary["preempted"] = True
     else:
+      summary["report"] = []
       for h in hooks:
         entries = dict(h.finish(summary["step"], loop.state, summary))
-        report = summary.get("report", []) + entries.pop("report", [])
-        summary.update(entries, **({"report": report} if report else {}))
+        summary["report"] += entries.pop("report", [])
+        summary.update(entries)
   finally:
     for h in hooks:
       h.close()
@@ -325,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return summary
 
 
-def _set_up(config, workdir: epath.Path, max_steps, allow_config_change) -> tuple[hooks_lib.Run, _Loop]:
+def _set_up(config, workdir: epath.Path, max_steps, allow_config_change
+            ) -> tuple[hooks_lib.Run, _Loop]:
   """Validates the config, points the compile cache, opens the data, builds or restores the
   state, and writes config.json once the resume checks passed."""
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
