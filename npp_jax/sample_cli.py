@@ -295,7 +295,7 @@ def main(argv):
   for name in ("config", "checkpoint", "out"):
     if FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required.")
-  distributed.initialize_from_flags()
+  distributed.initialize_from_flags(sigterm_stops=True)  # resumes from what it wrote
   run(FLAGS.config, FLAGS.checkpoint, FLAGS.out, num_samples=FLAGS.num_samples,
       per_device_batch=FLAGS.per_device_batch, seed=FLAGS.seed, labels=FLAGS.labels,
       png=FLAGS.png, grid=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
