@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import pathlib
+import subprocess
+import sys
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import file_download as hf_download
@@ -16,6 +18,9 @@ from npp_jax import convert, hub, load, sample_cli
 from npp_jax import model as model_lib
 from hub_stub import HubStub, tiny_vq_state_dict
 from torch_files import TINY_PT, pure, write_pt
+from train_helpers import main_env
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 NPP = "pytttttt/LlamaGen-NPP"
 LLAMAGEN = "FoundationVision/LlamaGen"
@@ -161,16 +166,29 @@ def test_several_processes_are_told_to_convert_onto_shared_storage(stub, monkeyp
   assert stub.requests == []
 
 
+# `python -m npp_jax.sample`, with the tiny weights registered as npp-b (as the `stub` fixture does).
+_CLI = """import dataclasses, runpy
+from npp_jax import hub, model
+model.VARIANTS["tiny"] = (2, 4, 64)
+hub.PRETRAINED["npp-b"] = dataclasses.replace(hub.PRETRAINED["npp-b"], variant="tiny")
+runpy.run_module("npp_jax.sample", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.slow
 def test_sample_cli_from_a_released_name(stub, tmp_path):
-  """`--pretrained=npp-b`: config, weights and VQ-16 from the name alone, no convert step."""
-  config = sample_cli.pretrained_config("npp-b")
-  config.model.dtype = "float32"
-  summary = sample_cli.run(config, "npp-b", tmp_path / "out", num_samples=8, per_device_batch=1,
-                           grid=True, grid_per_class=1)
-  assert summary["complete"]
-  with np.load(tmp_path / "out" / "samples.npz") as z:
-    assert z["arr_0"].shape == (8, 32, 32, 3) and z["arr_0"].dtype == np.uint8
-  assert (tmp_path / "out" / "grid.png").exists()
-  assert ckpt_lib.read_model_config(os.path.join(hub.hf_home(), "npp_jax",
-                                                 _converted_dirs()[0]))["n_head"] == 4
+  """`python -m npp_jax.sample --pretrained=npp-b`: config, weights and VQ-16 from the name alone,
+  no convert step; a second run converts and downloads nothing."""
+  for out in ("a", "b"):
+    args = [sys.executable, "-c", _CLI, "--pretrained=npp-b", f"--out={tmp_path / out}",
+            "--num_samples=8", "--per_device_batch=1", "--grid", "--grid_per_class=1"]
+    done = subprocess.run(args, cwd=REPO, env=main_env(8, HF_HUB_DISABLE_TELEMETRY="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with np.load(tmp_path / out / "samples.npz") as z:
+      assert z["arr_0"].shape == (8, 32, 32, 3) and z["arr_0"].dtype == np.uint8
+    assert (tmp_path / out / "grid.png").exists()
+  assert len(stub.gets("c2i_B_256.pt")) == 1 and len(stub.gets("vq_ds16_c2i.pt")) == 1
+  (gpt_dir,) = [d for d in _converted_dirs() if d.startswith("gpt-")]
+  stored = ckpt_lib.read_model_config(os.path.join(hub.hf_home(), "npp_jax", gpt_dir))
+  assert stored["n_head"] == 4 and stored["n_layer"] == 2
