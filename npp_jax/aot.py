@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from npp_jax import chips, config_lib, flops, hlo_cost, hooks, optim, patching, sharding, train
+from npp_jax import (chips, config_lib, flops, hlo_cost, hooks, kernels, optim, patching,
+                     sharding, train)
 from npp_jax import model as model_lib
 
 PROGRAMS = ("train", "eval", "sample", "vq_decode")
@@ -141,9 +142,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
     out.append(_sample_program(config, model_cfg, data_mesh, sb))
   if "vq_decode" in programs:
     out.append(_vq_program(model_cfg, data_mesh, sb))
-  options = (dict(config.get("tpu_compiler_options") or {})
-             if devices and devices[0].platform == "tpu" else {})
-  return Plan(acc, devices, mesh, out, schedule, options)
+  return Plan(acc, devices, mesh, out, schedule, kernels.compiler_options(config, mesh) or {})
 
 
 def _sample_program(config, model_cfg, mesh, batch: int) -> Program:
