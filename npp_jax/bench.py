@@ -220,13 +220,14 @@ def bench_sample(cfg, batch_sizes, cfg_scale, windows, model=None):
         jax.block_until_ready(step(codes, lab))
         t_step = _median_time(lambda: jax.block_until_ready(step(codes, lab)), 3)
         row["speedup_vs_recompute"] = t_step * cfg.num_tokens / dt
+        row["ms_per_forward"] = dt / cfg.num_tokens * 1e3
       else:
         forwards = np.asarray(forwards)
         # Each image needs forwards[i] passes; the batch runs until its slowest image is done.
         row.update(window=window, forward_passes_per_image=float(forwards.mean()),
                    forward_passes_per_batch=int(forwards.max()),
                    accepted_per_step=cfg.num_tokens / float(forwards.mean()),
-                   speedup_vs_ar=ar / dt)
+                   ms_per_forward=dt / int(forwards.max()) * 1e3, speedup_vs_ar=ar / dt)
       rows.append(row)
   return rows
 
@@ -333,11 +334,12 @@ def main(argv):
             f"{' window %d' % s['window'] if s['method'] == 'sjd' else ''}: "
             f"{s['tokens_per_s']:.0f} tokens/s, {s['images_per_s']:.2f} images/s, ")
     if s["method"] == "ar":
-      print(head + f"{s['speedup_vs_recompute']:.0f}x a full-recompute decode")
+      print(head + f"{s['ms_per_forward']:.1f} ms per forward pass, "
+            f"{s['speedup_vs_recompute']:.0f}x a full-recompute decode")
     else:
       print(head + f"{s['forward_passes_per_image']:.1f} forward passes per image (batch "
             f"{s['forward_passes_per_batch']}), {s['accepted_per_step']:.2f} tokens per pass, "
-            f"{s['speedup_vs_ar']:.2f}x token by token")
+            f"{s['ms_per_forward']:.1f} ms per pass, {s['speedup_vs_ar']:.2f}x token by token")
   for q in quality or []:
     print(f"digits quality {q['method']}{' window %d' % q['window'] if q['window'] else ''} "
           f"({q['images']} images): classifier agrees on {q['classifier_agreement']:.1%}, NLL "

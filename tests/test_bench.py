@@ -15,7 +15,7 @@ TRAIN_FIELDS = {"patch_size": int, "batch_size": int, "ms_per_step": float, "ima
                 "peak_memory_bytes": int, "compile_s": float, "achieved_gflops": float,
                 "fraction_of_peak": float}
 SAMPLE_FIELDS = {"batch_size": int, "cfg_scale": float, "tokens_per_s": float,
-                 "images_per_s": float}
+                 "images_per_s": float, "ms_per_forward": float}
 SJD_FIELDS = {"window": int, "forward_passes_per_image": float, "forward_passes_per_batch": int,
               "accepted_per_step": float, "speedup_vs_ar": float}
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from npp_jax import sample, sharding, token_choice
+from npp_jax import sample, sample_cli, sharding, token_choice
 from npp_jax import model as model_lib
-from test_sample import LABELS, TINY, _randomised, _teacher_forced
+from test_sample import LABELS, TINY, _randomised, _teacher_forced, cli_setup  # noqa: F401
 
 # 2x2 tokens of a 4-token vocabulary: 256 sequences, whose probabilities are enumerable.
 MICRO = model_lib.ModelConfig(dim=32, n_layer=2, n_head=2, vocab_size=4, num_classes=3,
@@ -153,3 +153,21 @@ def test_the_exactness_test_rejects_a_slightly_different_distribution(micro):
 def test_bad_method_or_window_is_named(kw, name):
   with pytest.raises(ValueError, match=name):
     token_choice.SamplingOptions(**kw).validate()
+
+
+@pytest.mark.slow  # ~40 s: a checkpoint, a VQ-less CLI run and a second compile.
+def test_cli_samples_with_sjd_and_records_the_method(cli_setup):  # noqa: F811 (fixture)
+  config, ckpt, root = cli_setup
+  kw = dict(num_samples=8, per_device_batch=1, seed=3, decoder="tokens")
+  sample_cli.run(config, ckpt, root / "sjd", method="sjd", window=3, **kw)
+  with np.load(root / "sjd" / "chunks" / "chunk_00000.npz") as z:
+    codes, labels = z["codes"], z["labels"]
+  model = sample_cli.load_model(config, ckpt)
+  expected = sample.generate(model, labels, jax.random.fold_in(jax.random.key(3), 0),
+                             cfg_scale=config.sample.cfg_scale, method="sjd", window=3)
+  np.testing.assert_array_equal(codes, np.asarray(expected))
+  assert '"method": "sjd"' in (root / "sjd" / "run.json").read_text()
+  with pytest.raises(ValueError, match="window"):  # a resume with another window is refused
+    sample_cli.run(config, ckpt, root / "sjd", method="sjd", window=2, **kw)
+  with pytest.raises(ValueError, match="window"):
+    sample_cli.run(config, ckpt, root / "bad", method="sjd", **kw)
