@@ -300,8 +300,7 @@ def main(argv):
                                   mesh=sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     cfg = model.cfg
   if _QUALITY.value:
-    from npp_jax import digits
-    if model is None or cfg.vocab_size != digits.DIGITS_VOCAB_SIZE:
+    if model is None or config.data.builtin != "digits":
       raise app.UsageError("--digits_quality needs --config=configs/digits.py and a --checkpoint "
                            "of the digits model.")
     quality = digits_quality(model, windows, _CFG.value, _QUALITY.value)

@@ -360,7 +360,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  distributed.initialize_from_flags()
+  distributed.initialize_from_flags(sigterm_stops=True)  # resumes from what it wrote
   meta = extract(f.config)
   if meta is not None:
     print(f"Wrote {f.config.out}: " + ", ".join(f"{s} {meta.num_records(s)} records"
