@@ -295,9 +295,9 @@ def main(argv):
   if _CHECKPOINT.value:
     if not _CONFIG.value:
       raise app.UsageError("--checkpoint needs --config (the config of the checkpoint's model).")
-    from npp_jax import sample_cli, sharding
-    model = sample_cli.load_model(config, _CHECKPOINT.value,
-                                  mesh=sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    from npp_jax import load, sharding
+    model = load.load_model(_CHECKPOINT.value, config,
+                            mesh=sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
     cfg = model.cfg
   if _QUALITY.value:
     if model is None or config.data.builtin != "digits":

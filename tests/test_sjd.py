@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from npp_jax import sample, sample_cli, sharding, token_choice
+from npp_jax import load, sample, sample_cli, sharding, token_choice
 from npp_jax import model as model_lib
 from test_sample import LABELS, TINY, _randomised, _teacher_forced, cli_setup  # noqa: F401
 
@@ -162,7 +162,7 @@ def test_cli_samples_with_sjd_and_records_the_method(cli_setup):  # noqa: F811 (
   sample_cli.run(config, ckpt, root / "sjd", method="sjd", window=3, **kw)
   with np.load(root / "sjd" / "chunks" / "chunk_00000.npz") as z:
     codes, labels = z["codes"], z["labels"]
-  model = sample_cli.load_model(config, ckpt)
+  model = load.load_model(ckpt, config)
   expected = sample.generate(model, labels, jax.random.fold_in(jax.random.key(3), 0),
                              cfg_scale=config.sample.cfg_scale, method="sjd", window=3)
   np.testing.assert_array_equal(codes, np.asarray(expected))
