@@ -251,6 +251,10 @@ def _config_and_checkpoint() -> tuple[ml_collections.ConfigDict, str]:
     raise app.UsageError("--out is required.")
   if name is None and (FLAGS.config is None or FLAGS.checkpoint is None):
     raise app.UsageError("--config and --checkpoint are required (or --pretrained=NAME).")
+  if name is not None:
+    entry = hub.PRETRAINED[name]
+    logging.info("%s (%s): its paper reports FID %s at CFG %s on 50k samples.", name, entry.path,
+                 entry.fid, entry.cfg_scale)
   if FLAGS.config is None:
     return pretrained_config(name), FLAGS.checkpoint or name
   config = FLAGS.config
