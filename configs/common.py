@@ -46,7 +46,10 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # token shards (local or gs://), see npp_jax/data.py.
-  c.data.builtin = ""  # "digits": build the CPU demo's shards in <workdir>/digits_tokens instead.
+  # A built-in data set (module npp_jax.NAME, see npp_jax/builtin_data.py) built into
+  # <workdir>/NAME_tokens instead of data.path, with its own sample palette and report hooks:
+  # "digits" = the CPU demo.
+  c.data.builtin = ""
   c.data.train_split = "train"
   c.data.eval_split = ""  # "" = no evaluation.
   c.data.num_workers = 4  # grain worker processes per host (0 = in-process).
@@ -77,6 +80,14 @@ def get_config(arg=None):
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
   c.eval_batches = 50  # eval batches per evaluation (-1 = the whole split).
   c.sample_every_steps = 0  # > 0: a CFG class grid (sample.grid_classes) to TensorBoard every N.
+  # > 0: a jax.profiler trace of this many steps, from the 3rd step of each run, on every host,
+  # into <workdir>/plugins/profile (TensorBoard's Profile tab).
+  c.profile_steps = 0
+  # Persistent compilation cache: a resumed run loads its compiled steps instead of compiling.
+  # "{workdir}" is replaced by the workdir; a local path or gs://; "" = leave JAX's own setting
+  # (off unless JAX_COMPILATION_CACHE_DIR is set). On a pod slice keep it on shared storage (the
+  # gs:// workdir): only process 0 writes entries, every process reads them.
+  c.compile_cache = "{workdir}/compile_cache"
 
   c.sample = ml_collections.ConfigDict()
   c.sample.cfg_scale = 2.0

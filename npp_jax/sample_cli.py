@@ -6,11 +6,11 @@ chunked `.npz` writer and the flags. The decoding itself is `npp_jax/sample.py`.
   python -m npp_jax.sample --config=configs/npp_b.py --checkpoint=DIR --out=DIR \
       [--num_samples=50000] [--per_device_batch=32] [--seed=0] [--labels=balanced|uniform] \
       [--png] [--grid] [--cfg_scale=2.0 --cfg_interval=-1 --temperature=1 --top_k=0 --top_p=1] \
-      [--use_ema] [--decoder=auto|vq|digits|tokens] [--mesh=data|config]
+      [--use_ema] [--decoder=auto|vq|builtin|tokens] [--mesh=data|config]
 
 --checkpoint is a params checkpoint directory (converted LlamaGen/NPP weights) or a training
 workdir (its latest step). Sampling parameters default to `config.sample.*`; images are decoded
-with `config.sample.vq_checkpoint` (VQ-16) or, for the digits demo, its palette. Writes:
+with `config.sample.vq_checkpoint` (VQ-16) or a built-in data set's palette (the demo). Writes:
   OUT/samples.npz        arr_0: uint8 [N, H, W, 3] (what the ADM evaluator reads), labels: int32 [N]
   OUT/chunks/chunk_*.npz one global batch each, written atomically; a restart skips finished ones
   OUT/run.json           the settings; a restart with different settings is refused
@@ -58,7 +58,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("grid", False, "Also write OUT/grid.png of config.sample.grid_classes.")
   flags.DEFINE_integer("grid_per_class", 4, "Images per class in the grid.")
   flags.DEFINE_bool("use_ema", False, "Use the EMA params of a training workdir.")
-  flags.DEFINE_enum("decoder", "auto", ["auto", "vq", "digits", "tokens"], "Codes -> images.")
+  flags.DEFINE_enum("decoder", "auto", ["auto", "vq", "builtin", "tokens"], "Codes -> images.")
   flags.DEFINE_enum("mesh", "data", ["data", "config"], "Device mesh (see the docstring).")
   flags.DEFINE_float("cfg_scale", None, "Default: config.sample.cfg_scale.")
   flags.DEFINE_integer("cfg_interval", None, "Default: config.sample.cfg_interval.")

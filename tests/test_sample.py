@@ -359,10 +359,12 @@ def test_class_grid_writes_labels():
 
 def test_decoder_choice(tiny):
   digits_cfg = dataclasses.replace(TINY, vocab_size=16, grid_size=16)
-  dec = sample.make_decoder("auto", digits_cfg)
-  assert dec.name == "digits" and dec(np.full((2, 256), 15)).shape == (2, 16, 16, 3)
+  dec = sample.make_decoder("auto", digits_cfg, builtin="digits")  # the data set's palette.
+  assert dec.name == "builtin" and dec(np.full((2, 256), 15)).shape == (2, 16, 16, 3)
   with pytest.raises(ValueError, match="vq_checkpoint is empty"):
-    sample.make_decoder("auto", TINY)
+    sample.make_decoder("auto", digits_cfg)  # no built-in data set: a VQ, whatever the vocab.
+  with pytest.raises(ValueError, match=r"config\.data\.builtin='model'"):
+    sample.make_decoder("builtin", TINY, builtin="model")  # a module, but no data set.
   with pytest.raises(FileNotFoundError, match="no VQ checkpoint"):
     sample.make_decoder("vq", TINY, vq_checkpoint="/nonexistent/vq.npz")
   tokens = sample.make_decoder("tokens", TINY)
