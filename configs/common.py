@@ -57,9 +57,13 @@ def get_config(arg=None):
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # per 256 images of global batch; scaled linearly to global_batch_size.
-  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment.
-  c.optim.warmup_epochs = 1.0  # per segment.
-  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment.
+  # "npp": per-segment warmup / constant / decay (the NPP code's --scheduler); "constant": the LR
+  # never changes (LlamaGen's baselines, trained without --scheduler; end_lr, warmup_epochs and
+  # decay_fraction are then unused).
+  c.optim.schedule = "npp"
+  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment ("npp").
+  c.optim.warmup_epochs = 1.0  # per segment ("npp").
+  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment ("npp").
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05  # on >= 2-D parameters only.
@@ -74,7 +78,7 @@ def get_config(arg=None):
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 5000  # plus every segment boundary and the end.
   c.ckpt.keep = 3
-  c.ckpt.init_from = ""  # params-only orbax checkpoint (e.g. converted LlamaGen weights).
+  c.ckpt.init_from = ""  # params-only checkpoint dir, or hub weights (npp-b, hf://OWNER/REPO/FILE).
 
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
@@ -96,5 +100,5 @@ def get_config(arg=None):
   c.sample.top_k = 0
   c.sample.top_p = 1.0
   c.sample.grid_classes = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's demo classes.
-  c.sample.vq_checkpoint = ""  # converted VQ-16 weights, to decode sample grids.
+  c.sample.vq_checkpoint = ""  # VQ-16 for sample grids: "vq-16", hf://..., a converted dir, a .pt.
   return c

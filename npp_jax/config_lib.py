@@ -15,7 +15,7 @@ import ml_collections
 
 from npp_jax import builtin_data
 from npp_jax import model as model_lib
-from npp_jax import patching
+from npp_jax import optim, patching
 from npp_jax import sharding
 
 _MODEL_FIELDS = ("n_kv_head", "vocab_size", "num_classes", "grid_size", "token_dropout",
@@ -104,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       segment_factor=config.npp.segment_factor, patch_sizes=config.npp.patch_sizes,
       fractions=config.npp.fractions)
   o = config.optim
+  if o.schedule not in optim.SCHEDULES:
+    raise ValueError(f"config.optim.schedule={o.schedule!r} must be one of {optim.SCHEDULES}.")
   for key in ("lr", "end_lr"):
     if not 0 < o[key] < math.inf:
       raise ValueError(f"config.optim.{key}={o[key]} must be finite and > 0.")

@@ -5,8 +5,9 @@ one compiled loop; the cache and the per-step layer maths live in `npp_jax/decod
 `generate_full_recompute` (the same sampling without a cache, the reference
 for tests and benchmarks), `make_sampler` (jitted and sharded over a mesh), the decoders from
 codes to uint8 images (VQ-16, a built-in data set's palette, a raw token palette),
-`sample_classes` (labels padded to the mesh in this one place) and `class_grid` / `sample_grid`. Loading weights (`sample_cli.load_model`) and the CLI that writes the ADM `.npz`
-live in `npp_jax/sample_cli.py` (`python -m npp_jax.sample` runs it).
+`sample_classes` (labels padded to the mesh in this one place) and `class_grid` / `sample_grid`.
+Loading weights is `npp_jax/load.py`'s; the CLI that writes the ADM `.npz` lives in
+`npp_jax/sample_cli.py` (`python -m npp_jax.sample` runs it).
 
 Sampling follows LlamaGen's `generate` (facts section 4) except where noted:
   * CFG rows: each label b gets a conditional row and a null-class row, interleaved (row 2b, 2b+1)
@@ -37,10 +38,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 
-from npp_jax import builtin_data, decode, sharding, vq
+from npp_jax import builtin_data, decode, load, sharding, vq
 from npp_jax import model as model_lib
 
-NO_DROPOUT = dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
+NO_DROPOUT = load.NO_DROPOUT  # ModelConfig overrides of a sampling model.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,14 +362,6 @@ def _token_palette(codes_BxN: Any, vocab_size: int) -> np.ndarray:
   return palette[codes].reshape(codes.shape[0], g, g, 3)
 
 
-def load_vq(path: str) -> vq.VQModel:
-  """The tokenizer of config.sample.vq_checkpoint: a converted dir or a LlamaGen weight file."""
-  from npp_jax import convert
-  if not path:
-    raise ValueError("config.sample.vq_checkpoint is empty.")
-  return convert.load_vq_checkpoint(path)
-
-
 def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None = None,
                  *, vq_checkpoint: str = "", builtin: str = "") -> Decoder:
   """The decoder of `kind`: "vq", "builtin" (the palette of the built-in data set `builtin`,
@@ -388,7 +381,7 @@ def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding
                      "weights (or pick decoder 'tokens' to see raw codes).")
   if mesh is None:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  vq_model = load_vq(vq_checkpoint)
+  vq_model = load.load_vq(vq_checkpoint)
   if vq_model.config.codebook_size != model_cfg.vocab_size:
     raise ValueError(f"VQ checkpoint {vq_checkpoint} has a codebook of "
                      f"{vq_model.config.codebook_size} codes but the model's vocab_size is "
@@ -471,12 +464,8 @@ def options_from_config(config: ml_collections.ConfigDict, **overrides: Any) -> 
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  import runpy
 
-  from npp_jax import sample_cli
-
-  sample_cli.define_flags()
-  # `--help` prints the CLI's usage (absl reads __main__'s docstring) and lists its flags.
-  __doc__ = sample_cli.__doc__
-  flags.adopt_module_key_flags(sample_cli)
-  app.run(sample_cli.main)
+  # `python -m npp_jax.sample` is the CLI's name: run sample_cli as __main__ (no import of the CLI
+  # by this library module).
+  runpy.run_module("npp_jax.sample_cli", run_name="__main__", alter_sys=True)

@@ -33,6 +33,7 @@ from npp_jax import (builtin_data, chips, config_lib, data, flops, kernels, opti
                      sharding)
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import hooks as hooks_lib
+from npp_jax import load
 from npp_jax import model as model_lib
 
 State = hooks_lib.State
@@ -192,7 +193,7 @@ def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_ite
     state = ckpt.restore(latest, state, data_iter if same_procs else None)
     return state, f"resumed from {ckpt.directory / str(latest)}"
   if config.ckpt.init_from:
-    params = ckpt_lib.load_params(config.ckpt.init_from, state["params"])
+    params = load.load_params(config.ckpt.init_from, state["params"])
     state = dict(state, params=params)
     if "ema" in state:
       state["ema"] = jax.tree.map(jnp.copy, params)
