@@ -92,7 +92,7 @@ def get_config(arg=None):
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
   c.eval_batches = 50  # eval batches per evaluation (-1 = the whole split).
   c.sample_every_steps = 0  # > 0: a CFG class grid (sample.grid_classes) to TensorBoard every N.
-  # > 0: a jax.profiler trace of this many steps, from the 3rd step of each run, on every host,
+  # > 0: a jax.profiler trace of this many steps, after each run's first 3, on every host,
   # into <workdir>/plugins/profile (TensorBoard's Profile tab).
   c.profile_steps = 0
   # Persistent compilation cache: a resumed run loads its compiled steps instead of compiling.

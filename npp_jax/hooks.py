@@ -4,10 +4,11 @@ demo's report).
 
 A hook is built from the `Run` (what set-up fixed: config, workdir, mesh, model graph, metric
 writer, data path, first and last step of this run). The loop calls `after_step(step, state)`
-after every step it continues past (`step` = steps done), `finish(step, state, summary)` once when
-training completed (not on preemption: the resumed run finishes), in order, each seeing the
-entries the earlier ones returned, and `close()` always. `finish` returns summary entries; the
-list under "report" holds lines for the user (main.py prints them).
+after every step (`step` = steps done; not after the one a preemption stopped at),
+`finish(step, state, summary)` once when the run ends without preemption (the resumed run
+finishes a preempted one), in order, each seeing the entries the earlier ones returned, and
+`close()` always. `finish` returns summary entries; the list under "report" holds lines for the
+user (main.py prints them).
 """
 from __future__ import annotations
 

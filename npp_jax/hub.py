@@ -38,23 +38,20 @@ class Pretrained:
   config: str | None = None  # module under configs/ with its sampling defaults (GPT only)
   cfg_scale: float | None = None  # the CFG scale its FID was reported at
   fid: float | None = None  # FID-50k vs the ADM reference batch, as its paper reports
-  reported_in: str = ""
 
 
 _NPP = "hf://pytttttt/LlamaGen-NPP"
 _LLAMAGEN = "hf://FoundationVision/LlamaGen"
+# FIDs: NPP paper Table 1 (LlamaGen's as its README gives them and the NPP paper quotes them).
 PRETRAINED = {p.name: p for p in (
-    Pretrained("npp-b", f"{_NPP}/c2i_B_256.pt", "gpt", "B", "npp_b", 2.0, 4.47, "NPP Table 1"),
-    Pretrained("npp-l", f"{_NPP}/c2i_L_256.pt", "gpt", "L", "npp_l", 1.75, 2.76, "NPP Table 1"),
-    Pretrained("npp-xl", f"{_NPP}/c2i_XL_256.pt", "gpt", "XL", "npp_xl", 1.70, 2.65, "NPP Table 1"),
-    Pretrained("npp-xxl", f"{_NPP}/c2i_XXL_256.pt", "gpt", "XXL", "npp_xxl", 1.65, 2.55,
-               "NPP Table 1"),
+    Pretrained("npp-b", f"{_NPP}/c2i_B_256.pt", "gpt", "B", "npp_b", 2.0, 4.47),
+    Pretrained("npp-l", f"{_NPP}/c2i_L_256.pt", "gpt", "L", "npp_l", 1.75, 2.76),
+    Pretrained("npp-xl", f"{_NPP}/c2i_XL_256.pt", "gpt", "XL", "npp_xl", 1.70, 2.65),
+    Pretrained("npp-xxl", f"{_NPP}/c2i_XXL_256.pt", "gpt", "XXL", "npp_xxl", 1.65, 2.55),
     # LlamaGen's own 256-px next-token models (its 384-px ones need a 24x24 grid and a resize
     # to 256 for the ADM evaluator, which the sampler does not do).
-    Pretrained("llamagen-b", f"{_LLAMAGEN}/c2i_B_256.pt", "gpt", "B", "llamagen_b", 2.0, 5.46,
-               "LlamaGen README; NPP Table 1"),
-    Pretrained("llamagen-l", f"{_LLAMAGEN}/c2i_L_256.pt", "gpt", "L", "llamagen_l", 2.0, 3.80,
-               "LlamaGen README; NPP Table 1"),
+    Pretrained("llamagen-b", f"{_LLAMAGEN}/c2i_B_256.pt", "gpt", "B", "llamagen_b", 2.0, 5.46),
+    Pretrained("llamagen-l", f"{_LLAMAGEN}/c2i_L_256.pt", "gpt", "L", "llamagen_l", 2.0, 3.80),
     Pretrained("vq-16", f"{_LLAMAGEN}/vq_ds16_c2i.pt", "vq"),
 )}
 GPT_NAMES = tuple(n for n, p in PRETRAINED.items() if p.kind == "gpt")
