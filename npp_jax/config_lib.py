@@ -182,9 +182,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def resume_changes(saved: dict, config: ml_collections.ConfigDict
                    ) -> list[tuple[str, Any, Any]]:
   """(key, saved value, new value) of every key outside RESUMABLE_CHANGES where `config`
-  differs from the JSON config a workdir's earlier run saved (config.json)."""
+  differs from the JSON config a workdir's earlier run saved (config.json). Keys only one side
+  has (added to or removed from npp_jax since that run) are not changes the user made: their
+  defaults keep the earlier behaviour."""
   old = _flat(saved)
   new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
-  return [(k, old.get(k, "(absent)"), new.get(k, "(absent)"))
-          for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+  return [(k, old[k], new[k]) for k in sorted(set(old) & set(new))
+          if old[k] != new[k] and not k.startswith(RESUMABLE_CHANGES)]
