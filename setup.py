@@ -31,6 +31,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # python -m npp_jax.experiments.digits_npp_vs_ntp plots its results.
+    "experiments": ["matplotlib>=3.8"],
     "test": [
         "pytest>=8",
         "hypothesis>=6",
