@@ -30,6 +30,9 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # matmul compute dtype; params, norms, logits and loss stay float32.
   c.model.remat = "none"  # none | full | dots | dots_no_batch.
   c.model.scan_unroll = 0  # layer-scan unroll; 0 = auto (full on CPU, rolled on TPU/GPU).
+  # Kernel set (npp_jax/kernels.py): auto = chosen by the devices a program is compiled for
+  # (cpu on CPU, xla on TPU/GPU, also when compiling for a TPU topology on a CPU host) | cpu | xla.
+  c.model.kernels = "auto"
   c.model.rope_placement = "coarse"  # coarse (reference) | centre (patches at their fine-grid centre).
 
   # Next patch prediction schedule (paper: #L = 2, lambda = 1/2, 300 epochs).

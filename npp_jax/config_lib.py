@@ -19,7 +19,7 @@ from npp_jax import sharding
 
 _MODEL_FIELDS = ("n_kv_head", "vocab_size", "num_classes", "grid_size", "token_dropout",
                  "resid_dropout", "ffn_dropout", "class_dropout", "dtype", "remat",
-                 "rope_placement", "scan_unroll")
+                 "rope_placement", "scan_unroll", "kernels")
 
 
 def model_config(config: ml_collections.ConfigDict, **overrides: Any) -> model_lib.ModelConfig:
@@ -156,7 +156,7 @@ def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.Mo
 # mid-run silently gives another experiment than the one its workdir holds.
 RESUMABLE_CHANGES = ("mesh.", "log_every_steps", "eval_every_steps", "sample_every_steps",
                      "ckpt.every_steps", "ckpt.keep", "ckpt.init_from", "data.path",
-                     "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll",
+                     "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll", "model.kernels",
                      "sample.")
 
 

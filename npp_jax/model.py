@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from npp_jax import patching
+from npp_jax import kernels, patching
 
 # LlamaGen's GPT sizes: name -> (n_layer, n_head, dim).
 VARIANTS: dict[str, tuple[int, int, int]] = {
@@ -69,10 +69,10 @@ class ModelConfig:
   class_dropout: float = 0.1  # training-time label -> null class, for CFG.
   dtype: str = "float32"  # compute dtype of the matmuls: float32 | bfloat16.
   remat: str = "none"  # none | full | dots | dots_no_batch.
-  # Layer-scan unroll: 1 = a rolled loop (compile time flat in depth; best on TPU/GPU), k = k
-  # layers per iteration, 0 = auto: fully unrolled on CPU, where XLA runs loop bodies ~2.5x
-  # slower than straight-line code, rolled elsewhere.
+  # Layer-scan unroll: 1 = a rolled loop, k = k layers per iteration, 0 = auto (kernels.scan_unroll).
   scan_unroll: int = 0
+  # Kernel set: auto (by the devices a program is compiled for) | cpu | xla; see npp_jax/kernels.py.
+  kernels: str = "auto"
 
   @property
   def head_dim(self) -> int:
@@ -116,6 +116,8 @@ class ModelConfig:
     if self.rope_placement not in patching.ROPE_PLACEMENTS:
       raise ValueError(f"model.rope_placement={self.rope_placement!r} must be one of "
                        f"{patching.ROPE_PLACEMENTS}.")
+    if self.kernels not in kernels.KERNELS:
+      raise ValueError(f"model.kernels={self.kernels!r} must be one of {kernels.KERNELS}.")
     if self.scan_unroll < 0:
       raise ValueError(f"model.scan_unroll={self.scan_unroll} must be >= 0 (0 = auto).")
     for name in ("vocab_size", "num_classes", "grid_size", "n_layer"):
@@ -224,102 +226,41 @@ def _remat_policy(name: str):
   }[name]
 
 
-def flat_matmuls() -> bool:
-  """Whether projections run as 2-D matmuls over flattened rows (CPU) rather than einsums.
-
-  Same math. On XLA:CPU the weight gradient of an einsum over (b, l, d) contracts two axes, and
-  the compiler materialises transposed copies of the activations' gradient for it (~35% slower
-  FFN backward); the flattened form's gradient is one plain matmul. TPU/GPU keep the einsum.
-  """
-  return jax.default_backend() == "cpu"
-
-
-def dense(x: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
-  """Contracts the last `n_in` axes of x with the first `n_in` axes of w (jnp.tensordot)."""
-  if not flat_matmuls():
-    return jnp.tensordot(x, w, axes=n_in)
-  lead, i = x.shape[: x.ndim - n_in], math.prod(w.shape[:n_in])
-  y = jnp.dot(x.reshape(-1, i), w.reshape(i, -1))
-  return y.reshape(*lead, *w.shape[n_in:])
-
-
-def qkv_projection(p: dict, h_BxLxD: jax.Array, table_Lx2: jax.Array, dtype) -> tuple[jax.Array, ...]:
+def qkv_projection(p: dict, h_BxLxD: jax.Array, table_Lx2: jax.Array, dtype,
+                   kern: str) -> tuple[jax.Array, ...]:
   """q, k (RoPE applied) and v of one layer: q_BxLxHxE, k_BxLxJxE, v_BxLxJxE."""
   h = h_BxLxD.astype(dtype)
-  q = dense(h, p["wq"].astype(dtype), 1)
-  k = dense(h, p["wk"].astype(dtype), 1)
-  v = dense(h, p["wv"].astype(dtype), 1)
+  q = kernels.dense(h, p["wq"].astype(dtype), 1, kern)
+  k = kernels.dense(h, p["wk"].astype(dtype), 1, kern)
+  v = kernels.dense(h, p["wv"].astype(dtype), 1, kern)
   return patching.apply_rope(q, table_Lx2), patching.apply_rope(k, table_Lx2), v
 
 
 def block_tail(p: dict, cfg: ModelConfig, x_BxLxD: jax.Array, attn_BxLxHxE: jax.Array,
-               rngs: tuple[jax.Array | None, jax.Array | None]) -> jax.Array:
-  """Output projection + residual, then the SwiGLU FFN + residual (shared by decode)."""
+               rngs: tuple[jax.Array | None, jax.Array | None], kern: str) -> jax.Array:
+  """Output projection + residual, then the SwiGLU FFN + residual."""
   dtype = DTYPES[cfg.dtype]
-  o = dense(attn_BxLxHxE.astype(dtype), p["wo"].astype(dtype), 2)
+  o = kernels.dense(attn_BxLxHxE.astype(dtype), p["wo"].astype(dtype), 2, kern)
   x = x_BxLxD + _dropout(o, cfg.resid_dropout, rngs[0]).astype(jnp.float32)
   x = _constrain(x, ("act_batch", "act_seq", "act_embed"))
   h = rms_norm(x, p["ffn_norm"], cfg.norm_eps).astype(dtype)
-  g = dense(h, p["w1"].astype(dtype), 1)
-  u = dense(h, p["w3"].astype(dtype), 1)
+  g = kernels.dense(h, p["w1"].astype(dtype), 1, kern)
+  u = kernels.dense(h, p["w3"].astype(dtype), 1, kern)
   a = _constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
-  y = dense(a, p["w2"].astype(dtype), 1)
+  y = kernels.dense(a, p["w2"].astype(dtype), 1, kern)
   x = x + _dropout(y, cfg.ffn_dropout, rngs[1]).astype(jnp.float32)
   return _constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
-def causal_attention(q_BxLxHxE: jax.Array, k_BxLxJxE: jax.Array, v_BxLxJxE: jax.Array) -> jax.Array:
-  """Causal softmax attention, attn_BxLxHxE; H may be a multiple of J (grouped-query attention).
-
-  `jax.nn.dot_product_attention` off CPU. On CPU the same math written out (float32 scores,
-  causal mask, softmax, weighted values), which XLA:CPU compiles to ~5-15% less time fwd + bwd
-  than the library's version; grouped-query heads are grouped rather than k/v repeated. For
-  L >= 128 the queries are split in two halves and the first half only scores the first half of
-  the keys: the fully masked quarter of the L x L scores is never computed (~25% less attention
-  time fwd + bwd at L = 256; more blocks measured no better).
-  """
-  if jax.default_backend() != "cpu":
-    return jax.nn.dot_product_attention(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, is_causal=True)
-  l = q_BxLxHxE.shape[1]
-  if l < 128 or l % 2:
-    return _causal_attention_block(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE, 0)
-  c = l // 2
-  first = _causal_attention_block(q_BxLxHxE[:, :c], k_BxLxJxE[:, :c], v_BxLxJxE[:, :c], 0)
-  second = _causal_attention_block(q_BxLxHxE[:, c:], k_BxLxJxE, v_BxLxJxE, c)
-  return jnp.concatenate([first, second], axis=1)
-
-
-def _causal_attention_block(q_BxLxHxE: jax.Array, k_BxMxJxE: jax.Array, v_BxMxJxE: jax.Array,
-                            offset: int) -> jax.Array:
-  """Attention of the L queries at positions offset.. to the M keys at positions 0..M-1."""
-  b, l, h, e = q_BxLxHxE.shape
-  m, j = k_BxMxJxE.shape[1], k_BxMxJxE.shape[2]
-  # Plain multi-head attention keeps 4-D contractions (faster code than a size-1 group axis).
-  q, qk, pv = ((q_BxLxHxE, "blhe,bmhe->bhlm", "bhlm,bmhe->blhe") if j == h else
-               (q_BxLxHxE.reshape(b, l, j, h // j, e), "blhge,bmhe->bhglm", "bhglm,bmhe->blhge"))
-  s = jnp.einsum(qk, q, k_BxMxJxE, preferred_element_type=jnp.float32)
-  causal_LxM = np.arange(m)[None, :] <= offset + np.arange(l)[:, None]
-  s = jnp.where(causal_LxM, s * np.float32(1.0 / math.sqrt(e)), -jnp.inf)
-  probs = jax.nn.softmax(s, axis=-1).astype(v_BxMxJxE.dtype)
-  return jnp.einsum(pv, probs, v_BxMxJxE).reshape(b, l, h, e)
-
-
-def _block(cfg: ModelConfig, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,
+def _block(cfg: ModelConfig, kern: str, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,
            rng: jax.Array | None) -> jax.Array:
-  """One pre-norm block on the full sequence with causal attention."""
+  """One pre-norm block on the full sequence with causal attention (kernel set `kern`)."""
   dtype = DTYPES[cfg.dtype]
   h = rms_norm(x_BxLxD, p["attention_norm"], cfg.norm_eps)
-  q, k, v = qkv_projection(p, h, table_Lx2, dtype)
-  attn = causal_attention(q, k, v)
+  q, k, v = qkv_projection(p, h, table_Lx2, dtype, kern)
+  attn = kernels.causal_attention(q, k, v, kern)
   rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-  return block_tail(p, cfg, x_BxLxD, attn, rngs)
-
-
-def scan_unroll(cfg: ModelConfig) -> int:
-  """The layer scan's unroll factor (config 0 = auto, by backend)."""
-  if cfg.scan_unroll:
-    return min(cfg.scan_unroll, cfg.n_layer)
-  return cfg.n_layer if jax.default_backend() == "cpu" else 1
+  return block_tail(p, cfg, x_BxLxD, attn, rngs, kern)
 
 
 def layer_params(layers: Layers) -> dict[str, jax.Array]:
@@ -397,9 +338,11 @@ class Transformer(nnx.Module):
     x = _dropout(x, cfg.token_dropout, k_tok)
     x = _constrain(x, ("act_batch", "act_seq", "act_embed"))
     table = jnp.asarray(self.rope(patch_size)[: x.shape[1]])
-    body = lambda carry, xs: (_block(cfg, table, carry, *xs), None)
+    kern = kernels.resolve(cfg.kernels)  # from the devices this program is compiled for.
+    body = lambda carry, xs: (_block(cfg, kern, table, carry, *xs), None)
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
     keys = None if k_layers is None else jax.random.split(k_layers, cfg.n_layer)
-    x, _ = jax.lax.scan(body, x, (layer_params(self.layers), keys), unroll=scan_unroll(cfg))
+    x, _ = jax.lax.scan(body, x, (layer_params(self.layers), keys),
+                        unroll=kernels.scan_unroll(cfg.scan_unroll, cfg.n_layer, kern))
     return x

@@ -10,7 +10,6 @@ K = p*p tokens per patch, P = N / K patches, D width, V vocabulary, L sequence l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -71,161 +70,44 @@ def patch_loss(logits_BxPxV: jax.Array, targets_BxPxK: jax.Array) -> jax.Array:
   Equals the reference's loss on the K-fold repeated logits, but computes one log-sum-exp per
   position and gathers K logits, so nothing of size K*V is ever materialised. Computed in float32.
   The gradient is written out, (K * softmax - target counts) / (B*P*K), as one fused pass over
-  the logits instead of XLA's scatter of the gathered logits.
+  the logits instead of XLA's scatter of the gathered logits. (The training step fuses this loss
+  with the output layer: `kernels.output_patch_loss`.)
   """
-  return _patch_loss_fwd(logits_BxPxV, targets_BxPxK)[0]
+  return patch_loss_terms(logits_BxPxV, targets_BxPxK)[0]
 
 
-def _patch_loss_fwd(logits_BxPxV, targets_BxPxK):
+def patch_loss_terms(logits_BxPxV, targets_BxPxK):
+  """The patch loss and what its gradient needs: (loss, (float32 lse_BxP, int32 targets))."""
   logits = logits_BxPxV.astype(jnp.float32)
   targets = targets_BxPxK.astype(jnp.int32)
   lse_BxP = jax.nn.logsumexp(logits, axis=-1)
   picked_BxPxK = jnp.take_along_axis(logits, targets, axis=-1)
-  return jnp.mean(lse_BxP[..., None] - picked_BxPxK), (logits_BxPxV, lse_BxP, targets)
+  return jnp.mean(lse_BxP[..., None] - picked_BxPxK), (lse_BxP, targets)
+
+
+def patch_loss_logits_grad(logits_BxPxV, lse_BxP, targets_BxPxK, scale):
+  """d(sum of the B*P*K cross entropies)/d logits times `scale`: (K * softmax - counts) * scale."""
+  k = targets_BxPxK.shape[-1]
+  probs = jnp.exp(logits_BxPxV.astype(jnp.float32) - lse_BxP[..., None])
+  nd = logits_BxPxV.ndim
+  vocab = jax.lax.broadcasted_iota(jnp.int32, (1,) * (nd - 1) + logits_BxPxV.shape[-1:], nd - 1)
+  counts = sum((targets_BxPxK[..., i, None] == vocab).astype(jnp.float32) for i in range(k))
+  return (k * probs - counts) * scale
+
+
+def _patch_loss_fwd(logits_BxPxV, targets_BxPxK):
+  loss, (lse_BxP, targets) = patch_loss_terms(logits_BxPxV, targets_BxPxK)
+  return loss, (logits_BxPxV, lse_BxP, targets)
 
 
 def _patch_loss_bwd(residuals, g):
   logits_BxPxV, lse_BxP, targets_BxPxK = residuals
-  b, p, v = logits_BxPxV.shape
-  k = targets_BxPxK.shape[-1]
-  probs = jnp.exp(logits_BxPxV.astype(jnp.float32) - lse_BxP[..., None])
-  vocab = jax.lax.broadcasted_iota(jnp.int32, (1, 1, v), 2)
-  counts = sum((targets_BxPxK[..., i, None] == vocab).astype(jnp.float32) for i in range(k))
-  d_logits = (k * probs - counts) * (g / (b * p * k))
+  b, p, k = targets_BxPxK.shape
+  d_logits = patch_loss_logits_grad(logits_BxPxV, lse_BxP, targets_BxPxK, g / (b * p * k))
   return d_logits.astype(logits_BxPxV.dtype), None
 
 
 patch_loss.defvjp(_patch_loss_fwd, _patch_loss_bwd)
-
-
-def output_patch_loss(h_BxPxD: jax.Array, w_DxV: jax.Array, targets_BxPxK: jax.Array, *,
-                      chunks: int | None = None) -> jax.Array:
-  """`patch_loss(h @ w, targets)`, fused with the output projection for speed.
-
-  Same value and gradients as the unfused form (tested). Logits are accumulated in float32
-  whatever the dtype of h and w.
-
-  Args:
-    h_BxPxD: final-normed hidden states, in the compute dtype.
-    w_DxV: the output projection.
-    targets_BxPxK: group_targets of the codes.
-    chunks: split the P positions into this many chunks (a divisor of P). 1: one pass; the
-      backward materialises the B*P x V logits' gradient once and feeds both matmuls in layouts
-      that need no transposed copy. > 1: a loop over chunks that, when differentiated, computes
-      each chunk's logits, softmax and gradients while the chunk is in cache (gradients in the
-      forward pass, the backward only scales them): it never holds the B*P x V logits, and
-      saves ~15% of the loss's time on CPU, where it is memory-bound. None: auto (chunks of
-      ~16 MiB of logits on CPU, 1 elsewhere).
-
-  Returns:
-    The scalar float32 loss.
-  """
-  p = h_BxPxD.shape[1]
-  if chunks is None:
-    chunks = auto_loss_chunks(h_BxPxD.shape[0], p, w_DxV.shape[-1])
-  if chunks < 1 or p % chunks:
-    raise ValueError(f"output_patch_loss: chunks={chunks} must be a divisor of P={p}.")
-  if chunks == 1:
-    return _output_patch_loss(h_BxPxD, w_DxV, targets_BxPxK)
-  return _chunked_output_patch_loss(chunks, h_BxPxD, w_DxV, targets_BxPxK)
-
-
-def auto_loss_chunks(batch: int, positions: int, vocab: int, chunk_bytes: int = 1 << 24) -> int:
-  """Chunks for `output_patch_loss`: 1 off CPU, else halve P while a chunk's logits exceed
-  `chunk_bytes` (sized for a CPU's last-level cache)."""
-  if jax.default_backend() != "cpu":
-    return 1
-  chunks = 1
-  while positions % (2 * chunks) == 0 and batch * (positions // chunks) * vocab * 4 > chunk_bytes:
-    chunks *= 2
-  return chunks
-
-
-@jax.custom_vjp
-def _output_patch_loss(h_BxPxD, w_DxV, targets_BxPxK):
-  return _output_patch_loss_fwd(h_BxPxD, w_DxV, targets_BxPxK)[0]
-
-
-def _output_patch_loss_fwd(h_BxPxD, w_DxV, targets_BxPxK):
-  logits = jnp.einsum("bld,dv->blv", h_BxPxD, w_DxV, preferred_element_type=jnp.float32)
-  loss, (_, lse_BxP, targets) = _patch_loss_fwd(logits, targets_BxPxK)
-  return loss, (h_BxPxD, w_DxV, logits, lse_BxP, targets)
-
-
-def _output_patch_loss_bwd(residuals, g):
-  h, w, logits, lse_BxP, targets = residuals
-  b, p, d = h.shape
-  d_logits = _patch_loss_bwd((logits, lse_BxP, targets), g)[0].reshape(b * p, -1)
-  dh = jnp.dot(d_logits.astype(w.dtype), w.T, preferred_element_type=jnp.float32)
-  dw = jnp.dot(h.reshape(b * p, d).T, d_logits.astype(h.dtype), preferred_element_type=jnp.float32)
-  return dh.reshape(b, p, d).astype(h.dtype), dw.astype(w.dtype), None
-
-
-_output_patch_loss.defvjp(_output_patch_loss_fwd, _output_patch_loss_bwd)
-
-
-def _split_positions(x_BxPx_: jax.Array, chunks: int) -> jax.Array:
-  """x_BxPx... -> x_Cx(B)x(P/C)x...: chunks over positions, so a batch-sharded x stays sharded."""
-  b, p = x_BxPx_.shape[:2]
-  x = x_BxPx_.reshape(b, chunks, p // chunks, *x_BxPx_.shape[2:])
-  return jnp.swapaxes(x, 0, 1)
-
-
-def _chunk_sums(h_RxD, w_DxV, targets_RxK):
-  """Float32 logits of one chunk's R rows and the sum of their K cross entropies."""
-  logits_RxV = jnp.dot(h_RxD, w_DxV, preferred_element_type=jnp.float32)
-  lse_R = jax.nn.logsumexp(logits_RxV, axis=-1)
-  picked_RxK = jnp.take_along_axis(logits_RxV, targets_RxK, axis=-1)
-  return logits_RxV, lse_R, jnp.sum(lse_R[:, None] - picked_RxK)
-
-
-def _chunked_loss_and_grads(chunks, h_BxPxD, w_DxV, targets_BxPxK, with_grads):
-  b, p, d = h_BxPxD.shape
-  k = targets_BxPxK.shape[-1]
-  scale = 1.0 / (b * p * k)
-  hs = _split_positions(h_BxPxD, chunks)
-  ts = _split_positions(targets_BxPxK.astype(jnp.int32), chunks)
-
-  def body(carry, xs):
-    h_RxD, t_RxK = xs[0].reshape(-1, d), xs[1].reshape(-1, k)
-    logits_RxV, lse_R, ce = _chunk_sums(h_RxD, w_DxV, t_RxK)
-    if not with_grads:
-      return carry + ce, None
-    total, dw_DxV = carry
-    # d loss / d logits = (K * softmax - target counts) * scale, as _patch_loss_bwd.
-    probs = jnp.exp(logits_RxV - lse_R[:, None])
-    vocab = jax.lax.broadcasted_iota(jnp.int32, (1, logits_RxV.shape[-1]), 1)
-    counts = sum((t_RxK[:, i, None] == vocab).astype(jnp.float32) for i in range(k))
-    d_logits = ((k * probs - counts) * scale).astype(w_DxV.dtype)
-    dh_RxD = jnp.dot(d_logits, w_DxV.T, preferred_element_type=jnp.float32)
-    dw_DxV = dw_DxV + jnp.dot(h_RxD.T, d_logits, preferred_element_type=jnp.float32)
-    return (total + ce, dw_DxV), dh_RxD.reshape(xs[0].shape).astype(h_BxPxD.dtype)
-
-  if not with_grads:
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hs, ts))
-    return total * scale
-  init = (jnp.zeros((), jnp.float32), jnp.zeros(w_DxV.shape, jnp.float32))
-  (total, dw_DxV), dhs = jax.lax.scan(body, init, (hs, ts))
-  dh_BxPxD = jnp.swapaxes(dhs, 0, 1).reshape(h_BxPxD.shape)
-  return total * scale, (dh_BxPxD, dw_DxV.astype(w_DxV.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_output_patch_loss(chunks, h_BxPxD, w_DxV, targets_BxPxK):
-  return _chunked_loss_and_grads(chunks, h_BxPxD, w_DxV, targets_BxPxK, with_grads=False)
-
-
-def _chunked_fwd(chunks, h_BxPxD, w_DxV, targets_BxPxK):
-  return _chunked_loss_and_grads(chunks, h_BxPxD, w_DxV, targets_BxPxK, with_grads=True)
-
-
-def _chunked_bwd(chunks, grads, g):
-  del chunks
-  dh, dw = grads
-  return (dh * g).astype(dh.dtype), (dw * g).astype(dw.dtype), None
-
-
-_chunked_output_patch_loss.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def define_flags() -> None:
 def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None,
                where: str = "") -> model_lib.ModelConfig:
   """The config's ModelConfig without dropout; a stored model_config.json sets the architecture
-  (compute dtype, remat and scan unrolling stay the config's: they are choices of this run)."""
+  (compute dtype, remat, scan unrolling and kernels stay the config's: they are choices of this run)."""
   cfg = config_lib.model_config(config, **sample.NO_DROPOUT)
   if stored is None:
     return cfg
@@ -86,7 +86,7 @@ def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None,
     hint = (" It describes a VQ tokenizer: pass it as config.sample.vq_checkpoint, and a GPT "
             "checkpoint as --checkpoint." if "codebook_size" in stored else "")
     raise ValueError(f"{where}model_config.json has fields no GPT model has: {unknown}.{hint}")
-  keep = set(sample.NO_DROPOUT) | {"dtype", "remat", "scan_unroll"}
+  keep = set(sample.NO_DROPOUT) | {"dtype", "remat", "scan_unroll", "kernels"}
   arch = {k: v for k, v in stored.items() if k not in keep}
   differ = {k: (getattr(cfg, k), v) for k, v in arch.items() if getattr(cfg, k) != v}
   if differ:

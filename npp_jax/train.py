@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, data, optim, patching, sharding
+from npp_jax import config_lib, data, kernels, optim, patching, sharding
 from npp_jax import model as model_lib
 
 State = dict[str, Any]
@@ -44,8 +44,9 @@ def loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: dict, patch_size: 
   x = model.hidden(batch["codes"], batch["labels"], patch_size=patch_size,
                    deterministic=rng is None, rng=rng)
   h = model.normed(x)
-  return patching.output_patch_loss(h, model.output[...].astype(h.dtype),
-                                    patching.group_targets(batch["codes"], patch_size))
+  return kernels.output_patch_loss(h, model.output[...].astype(h.dtype),
+                                   patching.group_targets(batch["codes"], patch_size),
+                                   kernels=kernels.resolve(model.cfg.kernels))
 
 
 def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
@@ -122,11 +123,16 @@ class StepFns:
     self.mesh = mesh
     self.compiled: dict[int, Callable] = {}
 
+  def lower(self, patch_size: int, state: State, batch: dict) -> jax.stages.Lowered:
+    """The train step of `patch_size` lowered for these arguments (arrays or abstract
+    ShapeDtypeStructs with shardings: `npp_jax.aot` compiles it for a TPU topology)."""
+    with sharding.use_mesh(self.mesh):
+      return self._make(patch_size).lower(state, batch)
+
   def __call__(self, patch_size: int, state: State, batch: dict) -> tuple[State, dict]:
     if patch_size not in self.compiled:
       t0 = time.time()
-      with sharding.use_mesh(self.mesh):
-        self.compiled[patch_size] = self._make(patch_size).lower(state, batch).compile()
+      self.compiled[patch_size] = self.lower(patch_size, state, batch).compile()
       logging.info("Compiled the train step for patch size %d in %.1fs.", patch_size,
                    time.time() - t0)
     with sharding.use_mesh(self.mesh):

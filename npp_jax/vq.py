@@ -356,17 +356,25 @@ def _batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(axes))
 
 
+def sharded_jit(graphdef: nnx.GraphDef, mesh: Mesh, method: str):
+  """`(state, x) -> model.<method>(x)` jitted with params replicated and the batch (axis 0)
+  sharded (`npp_jax.aot` lowers it with abstract arguments)."""
+  batch = _batch_sharding(mesh)
+
+  @functools.partial(jax.jit, in_shardings=(NamedSharding(mesh, P()), batch), out_shardings=batch)
+  def run(state, x):
+    return getattr(nnx.merge(graphdef, state), method)(x)
+
+  return run
+
+
 def _make_sharded(model: VQModel, mesh: Mesh, method: str):
   """Jits `model.<method>` with params replicated and the batch (axis 0) sharded."""
   graphdef, state = nnx.split(model)
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
   batch = _batch_sharding(mesh)
   shards = math.prod(mesh.shape[a] for a in batch.spec[0])
-
-  @functools.partial(jax.jit, in_shardings=(replicated, batch), out_shardings=batch)
-  def run(state, x):
-    return getattr(nnx.merge(graphdef, state), method)(x)
+  run = sharded_jit(graphdef, mesh, method)
 
   def call(x):
     if x.shape[0] % shards:

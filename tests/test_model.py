@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from npp_jax import convert
+from npp_jax import convert, kernels
 from npp_jax import model as model_lib
 from npp_jax import patching
 
@@ -228,40 +228,13 @@ def test_grouped_query_attention_shares_kv_heads_like_repeat_interleave():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kv_heads,length", [(4, 16), (2, 16), (1, 16), (4, 128), (2, 128)])
-def test_cpu_attention_equals_library_attention_and_its_gradients(kv_heads, length):
-  """Length 128 takes the split-queries path (the masked quarter of the scores skipped)."""
-  rng = np.random.default_rng(kv_heads)
-  q, dout = (jnp.asarray(rng.normal(size=(2, length, 4, 8)), jnp.float32) for _ in range(2))
-  k, v = (jnp.asarray(rng.normal(size=(2, length, kv_heads, 8)), jnp.float32) for _ in range(2))
-  lib = functools.partial(jax.nn.dot_product_attention, is_causal=True)
-
-  @_jit
-  def both(q, k, v):
-    return [jax.vjp(f, q, k, v) for f in (model_lib.causal_attention, lib)]
-
-  (ours, ours_vjp), (want, want_vjp) = both(q, k, v)
-  np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6)
-  for got, ref in zip(ours_vjp(dout), want_vjp(dout)):
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("n_in", [1, 2])
-def test_dense_equals_tensordot(n_in):
-  rng = np.random.default_rng(n_in)
-  x = jnp.asarray(rng.normal(size=(2, 3, 4, 5)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(4, 5, 6)[2 - n_in:] + (7,)), jnp.float32)
-  np.testing.assert_allclose(model_lib.dense(x, w, n_in), jnp.tensordot(x, w, axes=n_in),
-                             rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("p,chunks", [(1, 1), (1, 4), (2, 2)])
 def test_train_loss_and_gradients_equal_the_straightforward_formulation(tiny, p, chunks,
                                                                          monkeypatch):
   """train.loss_fn (fused, optionally chunked output loss; CPU attention and matmuls) against
   patch_loss(model logits): same loss, same gradients for every parameter."""
   from npp_jax import train
-  monkeypatch.setattr(patching, "auto_loss_chunks", lambda *_: chunks)
+  monkeypatch.setattr(kernels, "auto_loss_chunks", lambda *_: chunks)
   graphdef, state = tiny["graphdef"], tiny["state"]
   batch = {"codes": tiny["codes"], "labels": tiny["labels"]}
 

@@ -147,44 +147,6 @@ def test_patch_loss_equals_k_fold_copy_loss(seed):
     np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-7, err_msg=f"p={p}")
 
 
-@functools.partial(_jit, static_argnums=(3,))
-def _output_loss_and_grads(h, w, t, chunks):
-  fused = jax.value_and_grad(
-      lambda h, w: patching.output_patch_loss(h, w, t, chunks=chunks), argnums=(0, 1))(h, w)
-  plain = jax.value_and_grad(
-      lambda h, w: patching.patch_loss(jnp.einsum("bpd,dv->bpv", h, w), t), argnums=(0, 1))(h, w)
-  primal = patching.output_patch_loss(h, w, t, chunks=chunks)  # not differentiated
-  return fused, plain, primal
-
-
-@pytest.mark.parametrize("p,chunks", [(1, 1), (1, 4), (1, None), (2, 2), (2, 8), (4, 16)])
-def test_output_patch_loss_equals_unfused_loss_and_gradients(p, chunks):
-  rng = np.random.default_rng(p)
-  b, d, v, n = 2, 8, 37, G * G // (p * p)
-  h = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
-  w = jnp.asarray(rng.normal(scale=0.5, size=(d, v)), jnp.float32)
-  t = jnp.asarray(rng.integers(0, v, (b, n, p * p)), jnp.int32)
-  (loss, (dh, dw)), (ref, (ref_dh, ref_dw)), primal = _output_loss_and_grads(h, w, t, chunks)
-  np.testing.assert_allclose(loss, ref, rtol=1e-6)
-  np.testing.assert_allclose(primal, ref, rtol=1e-6)
-  np.testing.assert_allclose(dh, ref_dh, rtol=1e-5, atol=1e-8)
-  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-8)
-
-
-def test_output_patch_loss_chunks_must_divide_the_positions():
-  with pytest.raises(ValueError, match="chunks=3"):
-    patching.output_patch_loss(jnp.zeros((1, 16, 4)), jnp.zeros((4, 5)),
-                               jnp.zeros((1, 16, 1), jnp.int32), chunks=3)
-
-
-def test_auto_loss_chunks_keep_chunks_near_16_mib_and_divide_the_positions():
-  assert patching.auto_loss_chunks(8, 256, 16384) == 8  # 8 * 32 rows * 64 KiB = 16 MiB
-  assert patching.auto_loss_chunks(8, 64, 16384) == 2
-  assert patching.auto_loss_chunks(8, 16, 16384) == 1
-  assert patching.auto_loss_chunks(2, 256, 37) == 1
-  assert patching.auto_loss_chunks(1, 3 * 256, 1 << 20) == 256  # 3 rows of 4 MiB each
-
-
 def test_patch_loss_is_float32_for_bfloat16_logits():
   logits = jnp.zeros((1, 4, 8), jnp.bfloat16)
   loss = patching.patch_loss(logits, jnp.zeros((1, 4, 2), jnp.int32))
