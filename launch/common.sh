@@ -14,10 +14,9 @@ REPO_ROOT=$(cd "$LAUNCH_DIR/.." && pwd)
 REMOTE_SRC='$HOME/npp_jax'             # the checkout (git clone or unpacked tarball)
 REMOTE_VENV='$HOME/npp_jax_venv'       # outside the checkout, so re-syncing sources keeps it
 REMOTE_LOGS='$HOME/npp_jax_logs'
-REMOTE_LOG="$REMOTE_LOGS/train.log"    # one per worker (each worker has its own disk)
-REMOTE_PIDFILE="$REMOTE_LOGS/train.pid"
-# Worker-side test that pid $1 is still our trainer (a stale pid file may name a reused pid).
-REMOTE_ALIVE='alive() { grep -qa npp_jax.main "/proc/$1/cmdline" 2>/dev/null; }'
+REMOTE_PIDFILE="$REMOTE_LOGS/run.pid"   # the one run (train, sample or extract) of a worker
+# Worker-side test that pid $1 is still our run (a stale pid file may name a reused pid).
+REMOTE_ALIVE='alive() { grep -qaE "npp_jax[.](main|sample|extract_codes)" "/proc/$1/cmdline" 2>/dev/null; }'
 
 DRY_RUN=0
 NAME=""
@@ -118,6 +117,30 @@ require_name_and_zone() {
   [[ -n $ZONE ]] || die "missing --zone (e.g. --zone us-central2-b)"
   [[ $ZONE =~ ^[a-z]+-[a-z]+[0-9]+-[a-z]$ ]] ||
     die "bad --zone '$ZONE' (expected e.g. us-central2-b)"
+}
+
+# Prints the module that run.sh --cli $1 starts (nothing for an unknown CLI); a run's log is
+# $REMOTE_LOGS/$1.log on each worker. (A function, not an associative array: macOS bash 3.2.)
+cli_module() {
+  case "$1" in
+    train) printf npp_jax.main ;;
+    sample) printf npp_jax.sample ;;
+    extract) printf npp_jax.extract_codes ;;
+  esac
+}
+
+# Prints the value of flag $1 among the arguments after it ("--flag=value" or "--flag value"),
+# or nothing when it is not there.
+arg_value() {
+  local name=$1
+  shift
+  while (($#)); do
+    case "$1" in
+      "$name="*) printf '%s' "${1#*=}"; return ;;
+      "$name") printf '%s' "${2:-}"; return ;;
+    esac
+    shift
+  done
 }
 
 # Checks a --worker value: "all" or a worker index.

@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
-# Starts the same `python -m npp_jax.main ...` on every worker of a TPU VM or pod slice, detached
-# from the ssh session, or tails the workers' logs.
+# Starts the same npp_jax command (training, sampling or tokenising) on every worker of a TPU VM
+# or pod slice, detached from the ssh session, or tails the workers' logs.
 set -euo pipefail
 
 PROG=launch/run.sh
-USAGE="Usage: $PROG NAME --zone ZONE --config CONFIG --workdir gs://BUCKET/PATH
-       [--allow_local] [--attach] [--worker W] [--project PROJECT] [--dry_run] [-- MAIN_FLAGS...]
-   or: $PROG NAME --zone ZONE --logs [--worker W] [--project PROJECT] [--dry_run]
+USAGE="Usage: $PROG NAME --zone ZONE [--cli train] --config CONFIG --workdir gs://BUCKET/PATH
+       [--allow_local] [--attach] [--worker W] [--project PROJECT] [--dry_run] [-- CLI_FLAGS...]
+   or: $PROG NAME --zone ZONE --cli sample|extract --config CONFIG [--allow_local] [--attach]
+       [--worker W] [--project PROJECT] [--dry_run] -- CLI_FLAGS...
+   or: $PROG NAME --zone ZONE --logs [--cli C] [--worker W] [--project PROJECT] [--dry_run]
 
-Runs, on every worker of TPU NAME (--worker=all), in ~/npp_jax with ~/npp_jax_venv active:
-  python -m npp_jax.main --config=CONFIG --workdir=WORKDIR MAIN_FLAGS...
+Runs, on every worker of TPU NAME (--worker=all), in ~/npp_jax with ~/npp_jax_venv active, one of
+  train:   python -m npp_jax.main --config=CONFIG --workdir=WORKDIR CLI_FLAGS...
+  sample:  python -m npp_jax.sample --config=CONFIG CLI_FLAGS...   (--checkpoint=... --out=gs://...)
+  extract: python -m npp_jax.extract_codes --config=CONFIG CLI_FLAGS...
 in the background (nohup + setsid: an ssh drop does not stop it), appending to
-~/npp_jax_logs/train.log on each worker. jax.distributed starts by itself on TPU pods.
-Rerunning it after a preemption or stop.sh resumes from the latest checkpoint in WORKDIR.
+~/npp_jax_logs/CLI.log (train.log, sample.log, extract.log) on each worker. jax.distributed
+starts by itself on TPU pods. Rerunning the same command after a preemption or stop.sh resumes
+(training from the latest checkpoint in WORKDIR, sampling and tokenising from what is written).
 
+  --cli          train (default), sample or extract.
   --config       config file relative to the repository root, optionally with its argument,
-                 e.g. configs/npp_xl.py or configs/npp_xl.py:runlocal.
-  --workdir      gs:// directory for checkpoints and TensorBoard events; every worker must see
-                 the same one.
-  --allow_local  accept a local --workdir (a single-host TPU VM only).
-  MAIN_FLAGS     passed through verbatim, e.g. --config.data.path=gs://BUCKET/imagenet256_tokens
+                 e.g. configs/npp_xl.py or configs/extract_imagenet.py:folder.
+  --workdir      train: gs:// directory for checkpoints and TensorBoard events; every worker
+                 must see the same one. Sample and extract write where --out / --config.out say
+                 (gs:// too, checked when given after '--').
+  --allow_local  accept a local --workdir / --out (a single-host TPU VM only).
+  CLI_FLAGS      passed through verbatim, e.g. --config.data.path=gs://BUCKET/imagenet256_tokens
                  --config.optim.lr=3e-4 --max_steps=10.
   --attach       after starting, follow the log of worker W (Ctrl-C stops following only).
-  --logs         only follow the log of worker W; start nothing.
+  --logs         only follow the log of worker W (of --cli's runs); start nothing.
   --worker W     the worker whose log --attach/--logs follow: an index or 'all' (default 0).
   --project      GCP project (default: gcloud's configured project).
   --dry_run      print the gcloud commands (with the script run on the workers) instead."
@@ -30,6 +37,7 @@ Rerunning it after a preemption or stop.sh resumes from the latest checkpoint in
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+CLI=train
 CONFIG=""
 WORKDIR=""
 ALLOW_LOCAL=0
@@ -39,6 +47,7 @@ WORKER=""
 MAIN_FLAGS=()
 while (($#)); do
   case "$1" in
+    --cli | --cli=*) flag_value "$@"; CLI=$FLAG_VALUE ;;
     --config | --config=*) flag_value "$@"; CONFIG=$FLAG_VALUE ;;
     --workdir | --workdir=*) flag_value "$@"; WORKDIR=$FLAG_VALUE ;;
     --allow_local) ALLOW_LOCAL=1; FLAG_SHIFT=1 ;;
@@ -52,6 +61,9 @@ while (($#)); do
 done
 
 require_name_and_zone
+MODULE=$(cli_module "$CLI")
+[[ -n $MODULE ]] || die "bad --cli '$CLI' (expected train, sample or extract)"
+REMOTE_LOG="$REMOTE_LOGS/$CLI.log"
 if [[ -n $WORKER ]]; then
   require_worker "$WORKER"
   ((LOGS || ATTACH)) || die "--worker only picks the log that --logs/--attach follow" \
@@ -77,26 +89,48 @@ if ((LOGS)); then
 fi
 
 [[ -n $CONFIG ]] || die "missing --config (e.g. --config configs/npp_xl.py)"
-[[ -n $WORKDIR ]] || die "missing --workdir (e.g. --workdir gs://BUCKET/runs/npp_xl)"
 CONFIG_FILE=${CONFIG%%:*}
 [[ $CONFIG_FILE =~ ^[A-Za-z0-9_][A-Za-z0-9_./-]*\.py$ ]] ||
   die "--config '$CONFIG' must be a .py file relative to the repository root" \
     "(e.g. configs/npp_xl.py)"
-if [[ $WORKDIR != gs://* ]]; then
-  ((ALLOW_LOCAL)) || die "--workdir '$WORKDIR' is not a gs:// path: the workers of a pod slice" \
-    "must share checkpoints (pass --allow_local on a single-host TPU VM)"
-elif ! [[ $WORKDIR =~ ^gs://[a-z0-9][-a-z0-9_.]*[a-z0-9](/.*)?$ ]]; then
-  die "--workdir '$WORKDIR' has no valid bucket name (expected gs://BUCKET/PATH)"
-fi
+
+# Dies unless $2 (the value of flag $1) is a gs:// path with a valid bucket, or --allow_local.
+require_shared() {
+  if [[ $2 != gs://* ]]; then
+    ((ALLOW_LOCAL)) || die "$1 '$2' is not a gs:// path: the workers of a pod slice" \
+      "must share it (pass --allow_local on a single-host TPU VM)"
+  elif ! [[ $2 =~ ^gs://[a-z0-9][-a-z0-9_.]*[a-z0-9](/.*)?$ ]]; then
+    die "$1 '$2' has no valid bucket name (expected gs://BUCKET/PATH)"
+  fi
+}
+
 for flag in ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}; do
   case "$flag" in
-    --config | --config=* | --workdir | --workdir=*)
-      die "pass '$flag' as run.sh's own --config/--workdir, not after '--'" ;;
+    --config | --config=*) die "pass '$flag' as run.sh's own --config, not after '--'" ;;
+    --workdir | --workdir=*) [[ $CLI != train ]] ||
+      die "pass '$flag' as run.sh's own --workdir, not after '--'" ;;
   esac
 done
+ARGS=("--config=$CONFIG")
+case "$CLI" in
+  train)
+    [[ -n $WORKDIR ]] || die "missing --workdir (e.g. --workdir gs://BUCKET/runs/npp_xl)"
+    require_shared --workdir "$WORKDIR"
+    ARGS+=("--workdir=$WORKDIR") ;;
+  sample)
+    [[ -z $WORKDIR ]] || die "--workdir is for --cli train; sample writes to --out (after '--')"
+    OUT=$(arg_value --out ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
+    [[ -n $OUT && -n $(arg_value --checkpoint ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}) ]] ||
+      die "--cli sample needs --checkpoint=... and --out=gs://... after '--'"
+    require_shared --out "$OUT" ;;
+  extract)
+    [[ -z $WORKDIR ]] || die "--workdir is for --cli train; extract writes to --config.out"
+    OUT=$(arg_value --config.out ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"})
+    if [[ -n $OUT ]]; then require_shared --config.out "$OUT"; fi ;;
+esac
 
-MAIN_CMD="python -m npp_jax.main"
-for arg in "--config=$CONFIG" "--workdir=$WORKDIR" ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}; do
+MAIN_CMD="python -m $MODULE"
+for arg in "${ARGS[@]}" ${MAIN_FLAGS[@]+"${MAIN_FLAGS[@]}"}; do
   MAIN_CMD+=" $(shquote "$arg")"
 done
 SETUP_HINT="run launch/setup_workers.sh first"

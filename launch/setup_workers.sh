@@ -5,7 +5,7 @@ set -euo pipefail
 
 PROG=launch/setup_workers.sh
 USAGE="Usage: $PROG NAME --zone ZONE [--local_src DIR | --repo URL [--ref GIT_REF] | --ref GIT_REF]
-       [--python python3.11] [--project PROJECT] [--dry_run]
+       [--wheelhouse gs://BUCKET/wheels] [--python python3.11] [--project PROJECT] [--dry_run]
 
 On every worker of TPU NAME: places the sources in ~/npp_jax, creates the virtual environment
 ~/npp_jax_venv (installing the Python interpreter with apt when the image lacks it) and runs
@@ -17,6 +17,10 @@ Where the sources come from (default: --local_src with this checkout):
   --repo URL       git clone URL on every worker (URL must be cloneable from the workers).
   --ref GIT_REF    branch, tag or commit to check out (default: the remote's HEAD). Without
                    --repo, URL is the 'origin' remote of this checkout.
+Where the packages come from (default: the package index, which the workers must reach):
+  --wheelhouse gs://BUCKET/wheels
+                   workers without internet: copy the wheels launch/build_wheelhouse.sh put
+                   there to ~/npp_jax_wheels and install only from them (pip --no-index).
 Other flags:
   --python PY      interpreter for the venv (default python3.11; npp_jax needs >= 3.11).
   --project        GCP project (default: gcloud's configured project).
@@ -31,12 +35,14 @@ LOCAL_SRC=""
 REPO=""
 REF=""
 PYTHON=python3.11
+WHEELHOUSE=""
 while (($#)); do
   case "$1" in
     --local_src | --local_src=*) flag_value "$@"; LOCAL_SRC=$FLAG_VALUE ;;
     --repo | --repo=*) flag_value "$@"; REPO=$FLAG_VALUE ;;
     --ref | --ref=*) flag_value "$@"; REF=$FLAG_VALUE ;;
     --python | --python=*) flag_value "$@"; PYTHON=$FLAG_VALUE ;;
+    --wheelhouse | --wheelhouse=*) flag_value "$@"; WHEELHOUSE=$FLAG_VALUE ;;
     *) common_flag "$@" ;;
   esac
   shift "$FLAG_SHIFT"
@@ -44,6 +50,8 @@ done
 
 require_name_and_zone
 [[ $PYTHON =~ ^python3\.[0-9]+$ ]] || die "bad --python '$PYTHON' (expected e.g. python3.11)"
+[[ -z $WHEELHOUSE || $WHEELHOUSE =~ ^gs://[a-z0-9][-a-z0-9_.]*[a-z0-9](/.*)?$ ]] ||
+  die "bad --wheelhouse '$WHEELHOUSE' (expected gs://BUCKET/PATH)"
 if [[ -n $LOCAL_SRC && (-n $REPO || -n $REF) ]]; then
   die "--local_src excludes --repo and --ref (sources come either from a tarball or from git)"
 fi
@@ -106,6 +114,16 @@ git fetch -q origin $QREF
 git checkout -q --force --detach FETCH_HEAD"
 fi
 
+GET_WHEELS=""
+PIP_SOURCE=""
+if [[ -n $WHEELHOUSE ]]; then  # the TPU VM image has gcloud, which reaches GCS without internet.
+  WHEELS='$HOME/npp_jax_wheels'
+  GET_WHEELS="rm -rf \"$WHEELS\"
+mkdir -p \"$WHEELS\"
+gcloud storage cp $(shquote "${WHEELHOUSE%/}/*") \"$WHEELS/\"
+"
+  PIP_SOURCE="--no-index --find-links=\"$WHEELS\" "
+fi
 APT="sudo apt-get -q -y -o DPkg::Lock::Timeout=600"
 REMOTE_SCRIPT="set -eu
 $FETCH_SOURCES
@@ -118,8 +136,8 @@ if [ ! -x \"$VENV/bin/$PYTHON\" ]; then
   $PYTHON -m venv \"$VENV\"
 fi
 cd \"$SRC\"
-\"$VENV/bin/python\" -m pip install -q --upgrade pip
-\"$VENV/bin/python\" -m pip install -q -e \".[tpu]\"
+$GET_WHEELS\"$VENV/bin/python\" -m pip install -q $PIP_SOURCE--upgrade pip
+\"$VENV/bin/python\" -m pip install -q $PIP_SOURCE-e \".[tpu]\"
 \"$VENV/bin/python\" -c \"import npp_jax\"
 echo \"\$(hostname): npp_jax installed from $SRC into $VENV\""
 

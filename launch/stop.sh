@@ -7,7 +7,7 @@ PROG=launch/stop.sh
 USAGE="Usage: $PROG NAME --zone ZONE [--grace SECONDS] [--project PROJECT] [--dry_run]
 
 On every worker of TPU NAME: sends SIGTERM to the process group of the run recorded in
-~/npp_jax_logs/train.pid, waits up to --grace seconds (default 300) for it to save and exit,
+~/npp_jax_logs/run.pid, waits up to --grace seconds (default 300) for it to save and exit,
 then SIGKILLs what is left. The TPU VM keeps running (delete it with launch/delete_tpu.sh);
 launch/run.sh with the same --workdir resumes from the latest checkpoint.
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grain
 import jax
+from jax._src import distributed as _jax_distributed  # its preemption sync manager (no public getter)
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -112,10 +113,11 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator)), force=True)
 
   def reached_preemption(self, step: int) -> bool:
-    """True on every process once any process received a preemption notice (SIGTERM).
+    """True on every process, at the same step, once any process received a preemption notice
+    (SIGTERM); call it at every step from every process (see install_preemption_handler).
 
-    Multi-process runs use JAX's preemption sync service (every process agrees on the step);
-    a single process, which has no such service, uses its own SIGTERM flag.
+    Multi-process runs use JAX's preemption sync service through orbax (every process agrees on
+    the step); a single process, which has no such service, uses its own SIGTERM flag.
     """
     if jax.process_count() > 1:
       return self._mngr.reached_preemption(step)
@@ -270,6 +272,18 @@ _SIGTERM = _SigtermFlag()
 
 
 def install_preemption_handler() -> None:
-  """Single-process runs: turn SIGTERM into a save-and-exit at the next step."""
+  """Makes SIGTERM a save-and-exit at a step every process agrees on (Checkpointer.reached_preemption).
+
+  One process: a Python SIGTERM handler records the notice. Several processes: JAX's preemption
+  sync manager, which jax.distributed.initialize starts (npp_jax.distributed), owns SIGTERM: a
+  notice to any process reaches all of them and they agree on the step at which to save. Raises
+  RuntimeError when it is not running (config jax_enable_preemption_service off): a preempted pod
+  would then die without a save.
+  """
   if jax.process_count() == 1:
     _SIGTERM.install()
+  elif _jax_distributed.global_state.preemption_sync_manager is None:
+    raise RuntimeError(
+        f"{jax.process_count()} processes but JAX's preemption sync service is not running "
+        f"(jax_enable_preemption_service={jax.config.jax_enable_preemption_service}): a SIGTERM "
+        f"would stop the run without a checkpoint. Leave jax_enable_preemption_service on.")

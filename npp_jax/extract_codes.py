@@ -52,7 +52,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from npp_jax import checkpoint, data, extract_plan, preprocess, sharding, vq
+from npp_jax import checkpoint, data, distributed, extract_plan, preprocess, sharding, vq
 from npp_jax.image_sources import ImageSource, SourceError, open_sources
 
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
@@ -351,9 +351,8 @@ def _define_flags():
   """The CLI's flags; defined only when run as a program (npp_jax.main also owns --config)."""
   from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Extraction config file.", lock_config=True)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (CPU/GPU clusters).")
-  flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
-  flags.DEFINE_integer("process_id", None, "Index of this process.")
+  distributed.define_flags()
+  flags.adopt_module_key_flags(distributed)  # listed by --help
   flags.mark_flags_as_required(["config"])
 
 
@@ -361,11 +360,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  if f.coordinator_address:
-    jax.distributed.initialize(coordinator_address=f.coordinator_address,
-                               num_processes=f.num_processes, process_id=f.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):  # A TPU pod slice.
-    jax.distributed.initialize()
+  distributed.initialize_from_flags()
   meta = extract(f.config)
   if meta is not None:
     print(f"Wrote {f.config.out}: " + ", ".join(f"{s} {meta.num_records(s)} records"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 import zipfile
 from typing import Any
@@ -40,7 +39,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, logs, sample, sharding
+from npp_jax import config_lib, distributed, logs, sample, sharding
 from npp_jax import model as model_lib
 
 FLAGS = flags.FLAGS
@@ -66,9 +65,8 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", None, "Default: config.sample.temperature.")
   flags.DEFINE_integer("top_k", None, "Default: config.sample.top_k.")
   flags.DEFINE_float("top_p", None, "Default: config.sample.top_p.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-  flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
-  flags.DEFINE_integer("process_id", None, "Index of this process.")
+  distributed.define_flags()
+  flags.adopt_module_key_flags(distributed)  # listed by --help
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,13 +295,7 @@ def main(argv):
   for name in ("config", "checkpoint", "out"):
     if FLAGS[name].value is None:
       raise app.UsageError(f"--{name} is required.")
-  if FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):  # a multi-host TPU slice
-    jax.distributed.initialize()
-  logging.info("JAX process %d of %d; %d local / %d global devices.", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  distributed.initialize_from_flags()
   run(FLAGS.config, FLAGS.checkpoint, FLAGS.out, num_samples=FLAGS.num_samples,
       per_device_batch=FLAGS.per_device_batch, seed=FLAGS.seed, labels=FLAGS.labels,
       png=FLAGS.png, grid=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,

@@ -22,7 +22,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
-SCRIPTS = ["create_tpu.sh", "setup_workers.sh", "run.sh", "stop.sh", "delete_tpu.sh"]
+SCRIPTS = ["create_tpu.sh", "setup_workers.sh", "run.sh", "stop.sh", "delete_tpu.sh",
+           "supervise.sh"]
 ZONE = "us-central2-b"
 WORKDIR = "gs://my-bucket/runs/npp_xl"
 TRICKY_FLAG = "--config.sample.note=it's a \"test\" of $HOME; `x` \\ \n+ &"
@@ -115,7 +116,7 @@ def _write_exe(path, text):
 
 # ----------------------------------------------------------------------------- the scripts' shape
 
-@pytest.mark.parametrize("script", SCRIPTS + ["common.sh"])
+@pytest.mark.parametrize("script", SCRIPTS + ["common.sh", "build_wheelhouse.sh"])
 def test_scripts_parse_and_are_strict(script):
   path = LAUNCH / script
   subprocess.run(["bash", "-n", str(path)], check=True, capture_output=True, text=True)
@@ -203,6 +204,17 @@ def test_real_run_executes_the_printed_commands(script, args, env):
     ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--local_src", ".", "--repo", "x"],
      "--local_src excludes --repo"),
     ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--python", "python2"], "bad --python"),
+    ("setup_workers.sh", ["my-tpu", "--zone", ZONE, "--wheelhouse", "/wheels"], "bad --wheelhouse"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "eval", "--config", "c.py"], "bad --cli 'eval'"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "sample", "--config", "configs/npp_xl.py",
+                "--", "--out=gs://my-bucket/s"], "needs --checkpoint"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "sample", "--config", "configs/npp_xl.py",
+                "--", "--checkpoint=gs://my-bucket/c", "--out", "/tmp/s"],
+     "--out '/tmp/s' is not a gs:// path"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "extract", "--config", "configs/x.py",
+                "--workdir", WORKDIR], "--workdir is for --cli train"),
+    ("run.sh", ["my-tpu", "--zone", ZONE, "--cli", "extract", "--config", "configs/x.py",
+                "--", "--config.out=tokens"], "--config.out 'tokens' is not a gs:// path"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--workdir", WORKDIR], "missing --config"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py"], "missing --workdir"),
     ("run.sh", ["my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py", "--workdir",
@@ -281,7 +293,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
   _fake_worker(home)
   logs = home / "npp_jax_logs"
   logs.mkdir()
-  (logs / "train.pid").write_text(f"{os.getpid()}\n")  # stale pid of another process: ignored
+  (logs / "run.pid").write_text(f"{os.getpid()}\n")  # stale pid of another process: ignored
   extra = ["--config.data.path=gs://my-bucket/tokens", TRICKY_FLAG]
   (ssh,) = _dry_run("run.sh", "my-tpu", "--zone", ZONE, "--config", "configs/npp_xl.py",
                     "--workdir", WORKDIR, "--", *extra, env=env)
@@ -290,7 +302,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
   try:
     started = _sh(_remote_script(ssh), home)
     _wait_for(home / "argv.bin")
-    pid = int((logs / "train.pid").read_text())
+    pid = int((logs / "run.pid").read_text())
     assert f"started pid {pid}" in started.stdout
     argv = (home / "argv.bin").read_bytes().decode().split("\0")[:-1]
     assert argv == ["-m", "npp_jax.main", "--config=configs/npp_xl.py", f"--workdir={WORKDIR}",
@@ -304,7 +316,7 @@ def test_run_and_stop_on_a_worker(env, tmp_path):
     stopped = _sh(_remote_script(stop), home)
     assert f"pid {pid} stopped after" in stopped.stdout
     assert (home / "term.txt").read_text() == "TERM\n"
-    assert not (logs / "train.pid").exists()
+    assert not (logs / "run.pid").exists()
     assert "no run recorded" in _sh(_remote_script(stop), home).stdout
   finally:
     if pid is not None and not (home / "term.txt").exists():
@@ -347,7 +359,7 @@ def test_main_flags_reach_python_verbatim(extra, env, recording_home):
                     "--workdir", WORKDIR, "--", *extra, env=env)
   out = recording_home / "nohup.bin"
   out.unlink(missing_ok=True)
-  (recording_home / "npp_jax_logs" / "train.pid").unlink(missing_ok=True)
+  (recording_home / "npp_jax_logs" / "run.pid").unlink(missing_ok=True)
   _sh(_remote_script(ssh), recording_home, path_prefix=recording_home / "bin")
   _wait_for(out)
   assert out.read_bytes().decode().split("\0")[:-1] == [
