@@ -3,7 +3,9 @@ import setuptools
 
 # Minor-range pins of a set tested together (see README, "Quickstart"; `.ci/run` installs them).
 # orbax, grain and flax rename APIs between minor releases, so keep these tight.
-INSTALL_REQUIRES = [
+# What loading and sampling import (npp_jax.load, npp_jax.sample): the Colab notebook installs
+# only these (npp_jax/colab.py reads this list), keeping the runtime's own TensorFlow.
+SAMPLING_REQUIRES = [
     "jax>=0.10.2,<0.11",
     "jaxlib>=0.10.2,<0.11",
     "flax>=0.12.8,<0.13",
@@ -13,14 +15,17 @@ INSTALL_REQUIRES = [
     "grain>=0.2.18,<0.3",
     "array-record>=0.8.6,<0.9",
     "ml-collections>=1.1,<1.2",
-    "clu>=0.0.12,<0.1",
-    "tensorflow-datasets>=4.9.10,<4.10",
-    "importlib_resources>=7.1,<8",  # tfds imports it without declaring it
     "etils[epath]>=1.15,<1.16",
-    "gcsfs>=2026.10",  # gs:// paths through etils.epath (fsspec), without TensorFlow
     "numpy>=2.4,<2.5",
     "absl-py>=2.1",
     "pillow>=10",
+    "huggingface_hub>=2.4,<3",  # released weights by name or hf:// path (npp_jax/hub.py)
+]
+INSTALL_REQUIRES = SAMPLING_REQUIRES + [
+    "clu>=0.0.12,<0.1",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "importlib_resources>=7.1,<8",  # tfds imports it without declaring it
+    "gcsfs>=2026.10",  # gs:// paths through etils.epath (fsspec), without TensorFlow
     "scikit-learn>=1.5",  # ships the digits images of the CPU demo
     "scipy>=1.13",  # matrix square root of the FID
     # clu's metric writers import TensorFlow and TensorBoard's hparams plugin.
@@ -33,6 +38,7 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     # python -m npp_jax.experiments.digits_npp_vs_ntp plots its results.
     "experiments": ["matplotlib>=3.8"],
+    "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],  # NVIDIA GPUs (CUDA 12 wheels, e.g. Colab's)
     "test": [
         "pytest>=8",
         "hypothesis>=6",

@@ -46,7 +46,10 @@ def get_config(arg=None):
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # token shards (local or gs://), see npp_jax/data.py.
-  c.data.builtin = ""  # "digits": build the CPU demo's shards in <workdir>/digits_tokens instead.
+  # A built-in data set (module npp_jax.NAME, see npp_jax/builtin_data.py) built into
+  # <workdir>/NAME_tokens instead of data.path, with its own sample palette and report hooks:
+  # "digits" = the CPU demo.
+  c.data.builtin = ""
   c.data.train_split = "train"
   c.data.eval_split = ""  # "" = no evaluation.
   c.data.num_workers = 4  # grain worker processes per host (0 = in-process).
@@ -54,9 +57,13 @@ def get_config(arg=None):
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4  # per 256 images of global batch; scaled linearly to global_batch_size.
-  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment.
-  c.optim.warmup_epochs = 1.0  # per segment.
-  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment.
+  # "npp": per-segment warmup / constant / decay (the NPP code's --scheduler); "constant": the LR
+  # never changes (LlamaGen's baselines, trained without --scheduler; end_lr, warmup_epochs and
+  # decay_fraction are then unused).
+  c.optim.schedule = "npp"
+  c.optim.end_lr = 1e-5  # per 256 images; reached at the end of every segment ("npp").
+  c.optim.warmup_epochs = 1.0  # per segment ("npp").
+  c.optim.decay_fraction = 0.2  # linear decay over the last 20% of every segment ("npp").
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
   c.optim.weight_decay = 0.05  # on >= 2-D parameters only.
@@ -71,12 +78,20 @@ def get_config(arg=None):
   c.ckpt = ml_collections.ConfigDict()
   c.ckpt.every_steps = 5000  # plus every segment boundary and the end.
   c.ckpt.keep = 3
-  c.ckpt.init_from = ""  # params-only orbax checkpoint (e.g. converted LlamaGen weights).
+  c.ckpt.init_from = ""  # params-only checkpoint dir, or hub weights (npp-b, hf://OWNER/REPO/FILE).
 
   c.log_every_steps = 100
   c.eval_every_steps = 0  # 0 = only at the end (when data.eval_split is set).
   c.eval_batches = 50  # eval batches per evaluation (-1 = the whole split).
   c.sample_every_steps = 0  # > 0: a CFG class grid (sample.grid_classes) to TensorBoard every N.
+  # > 0: a jax.profiler trace of this many steps, after each run's first 3, on every host,
+  # into <workdir>/plugins/profile (TensorBoard's Profile tab).
+  c.profile_steps = 0
+  # Persistent compilation cache: a resumed run loads its compiled steps instead of compiling.
+  # "{workdir}" is replaced by the workdir; a local path or gs://; "" = leave JAX's own setting
+  # (off unless JAX_COMPILATION_CACHE_DIR is set). On a pod slice keep it on shared storage (the
+  # gs:// workdir): only process 0 writes entries, every process reads them.
+  c.compile_cache = "{workdir}/compile_cache"
 
   c.sample = ml_collections.ConfigDict()
   c.sample.cfg_scale = 2.0
@@ -85,5 +100,5 @@ def get_config(arg=None):
   c.sample.top_k = 0
   c.sample.top_p = 1.0
   c.sample.grid_classes = (207, 360, 387, 974, 88, 979, 417, 279)  # the reference's demo classes.
-  c.sample.vq_checkpoint = ""  # converted VQ-16 weights, to decode sample grids.
+  c.sample.vq_checkpoint = ""  # VQ-16 for sample grids: "vq-16", hf://..., a converted dir, a .pt.
   return c

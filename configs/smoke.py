@@ -1,6 +1,11 @@
 """Tiny synthetic config for tests and dry runs: 2 layers, width 64, vocab 64, #L=2 over few steps.
 
-  python -m npp_jax.main --config=configs/smoke.py --workdir=/tmp/npp_smoke
+It needs token shards of 16x16 grids with vocab <= 64 and <= 10 classes (the tests write synthetic
+ones, tests/train_helpers.py): --config.data.path=DIR; or the CPU demo's digits, built into the
+workdir (their vocabulary is 16):
+
+  python -m npp_jax.main --config=configs/smoke.py --workdir=/tmp/npp_smoke \
+      --config.data.builtin=digits --config.model.vocab_size=16
 """
 from configs import common
 

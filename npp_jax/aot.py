@@ -10,7 +10,7 @@ decode. Per program it reports compile time, per-device memory against the chip'
 the analytic FLOPs, and a roofline ESTIMATE (see `npp_jax/hlo_cost.py`) of step time, images/s
 per chip and MFU, plus the whole schedule's chip-hours.
 
-The programs are built by the same functions a run uses (`train.StepFns`, `train.eval_step`,
+The programs are built by the same functions a run uses (`train.StepFns`, `hooks.make_eval_step`,
 `sample`'s jitted generator, `vq.sharded_jit`) and the kernel set is chosen from the mesh's
 devices (`npp_jax/kernels.py`), so what compiles here is what a TPU run executes.
 """
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from npp_jax import chips, config_lib, flops, hlo_cost, optim, patching, sharding, train
+from npp_jax import chips, config_lib, flops, hlo_cost, hooks, optim, patching, sharding, train
 from npp_jax import model as model_lib
 
 PROGRAMS = ("train", "eval", "sample", "vq_decode")
@@ -131,8 +131,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
 
     def lower_eval():
       with sharding.use_mesh(mesh):
-        return jax.jit(functools.partial(train.eval_step, graphdef=graphdef)).lower(params,
-                                                                                    eval_batch)
+        return hooks.make_eval_step(graphdef, mesh).lower(params, eval_batch)
     out.append(Program("eval", 1, lower_eval, b * flops.forward_flops_per_image(model_cfg, 1), b))
   # Sampling and decoding run on the sampling CLI's default mesh: every device on 'data'.
   data_mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)

@@ -20,7 +20,8 @@ from typing import Any
 
 import grain
 import jax
-from jax._src import distributed as _jax_distributed  # its preemption sync manager (no public getter)
+# JAX's distributed state holds the preemption sync manager (there is no public getter).
+from jax._src import distributed as _jax_distributed
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -272,7 +273,7 @@ _SIGTERM = _SigtermFlag()
 
 
 def install_preemption_handler() -> None:
-  """Makes SIGTERM a save-and-exit at a step every process agrees on (Checkpointer.reached_preemption).
+  """Makes SIGTERM a save-and-exit at a step all processes agree on (see reached_preemption).
 
   One process: a Python SIGTERM handler records the notice. Several processes: JAX's preemption
   sync manager, which jax.distributed.initialize starts (npp_jax.distributed), owns SIGTERM: a

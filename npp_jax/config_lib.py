@@ -13,8 +13,9 @@ from typing import Any
 
 import ml_collections
 
+from npp_jax import builtin_data
 from npp_jax import model as model_lib
-from npp_jax import patching
+from npp_jax import optim, patching
 from npp_jax import sharding
 
 _MODEL_FIELDS = ("n_kv_head", "vocab_size", "num_classes", "grid_size", "token_dropout",
@@ -103,6 +104,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       segment_factor=config.npp.segment_factor, patch_sizes=config.npp.patch_sizes,
       fractions=config.npp.fractions)
   o = config.optim
+  if o.schedule not in optim.SCHEDULES:
+    raise ValueError(f"config.optim.schedule={o.schedule!r} must be one of {optim.SCHEDULES}.")
   for key in ("lr", "end_lr"):
     if not 0 < o[key] < math.inf:
       raise ValueError(f"config.optim.{key}={o[key]} must be finite and > 0.")
@@ -119,21 +122,22 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       raise ValueError(f"config.ckpt.{key}={config.ckpt[key]} must be >= 1.")
   if config.log_every_steps < 1:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be >= 1.")
-  for key in ("eval_every_steps", "sample_every_steps"):
+  for key in ("eval_every_steps", "sample_every_steps", "profile_steps"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0 (0 = off).")
-  if config.data.builtin not in ("", "digits"):
-    raise ValueError(f"config.data.builtin={config.data.builtin!r} must be '' or 'digits'.")
+  if config.eval_batches == 0 or config.eval_batches < -1:
+    raise ValueError(f"config.eval_batches={config.eval_batches} must be >= 1 or -1 (the whole "
+                     f"split); to skip evaluation, set config.data.eval_split=''.")
+  if config.data.builtin:
+    builtin_data.lookup(config.data.builtin)
   if not config.data.path and not config.data.builtin:
     raise ValueError("config.data.path is empty: point it at token shards "
                      "(e.g. --config.data.path=gs://BUCKET/imagenet256_tokens).")
   if config.data.num_workers < 0:
     raise ValueError(f"config.data.num_workers={config.data.num_workers} must be >= 0.")
-  if config.sample_every_steps and not config.sample.vq_checkpoint:
-    from npp_jax import digits  # pylint: disable=g-import-not-at-top  (only for this check)
-    if config.data.builtin != "digits" and cfg.vocab_size != digits.DIGITS_VOCAB_SIZE:
-      raise ValueError(f"config.sample_every_steps={config.sample_every_steps} needs "
-                       f"config.sample.vq_checkpoint (converted VQ-16 weights) to decode samples.")
+  if config.sample_every_steps and not (config.sample.vq_checkpoint or config.data.builtin):
+    raise ValueError(f"config.sample_every_steps={config.sample_every_steps} needs "
+                     f"config.sample.vq_checkpoint (converted VQ-16 weights) to decode samples.")
 
 
 def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.ModelConfig,
@@ -155,6 +159,7 @@ def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.Mo
 # (model, npp schedule, optim, batch size, seed, data splits) is the run's identity: changing it
 # mid-run silently gives another experiment than the one its workdir holds.
 RESUMABLE_CHANGES = ("mesh.", "log_every_steps", "eval_every_steps", "sample_every_steps",
+                     "profile_steps", "compile_cache",
                      "ckpt.every_steps", "ckpt.keep", "ckpt.init_from", "data.path",
                      "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll", "model.kernels",
                      "sample.")

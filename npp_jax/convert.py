@@ -1,9 +1,10 @@
 """LlamaGen / NPP PyTorch weights -> npp_jax models, strictly.
 
-Owns: normalising a reference checkpoint's state dict (layouts `{"model"}`, `{"module"}`,
-`{"state_dict"}`, `{"ema"}` on request, or raw; `module.` / `_orig_mod.` prefixes), the rename
-table from the reference's key names to our parameters, and strict coverage: every expected key
-present with the right shape, unexpected keys reported, all problems in one error.
+Owns: the rename table from the reference's key names to our parameters, the GPT's config
+from the shapes, reading weight files, and the converter CLI. Unwrapping a checkpoint's layout
+and the strict coverage check (every missing, unexpected or mis-shaped key in one error) are
+`npp_jax.state_dict`'s; loading a model by any name (hub, converted dir, workdir) is
+`npp_jax.load`'s.
 
 The GPT mapping (Linear weights are stored (out, in); our kernels are (in, out)):
   tok_embeddings.weight (V, D)                  -> tok_embeddings.embedding
@@ -16,18 +17,20 @@ The GPT mapping (Linear weights are stored (out, in); our kernels are (in, out))
   output.weight (V, D)                          -> output  (D, V)
 Ignored: `freqs_cis` and `*.kv_cache.*` (buffers the reference leaves in some state dicts).
 
-The VQ tokenizer's rename table and checks live in `npp_jax.vq` (`load_vq_state_dict`; it drops
-`quantize.codebook_used`); `load_vq` here only reads and unwraps the file.
+The VQ tokenizer's rename table and checks live in `npp_jax.vq_weights` (`load_vq_state_dict`;
+it drops `quantize.codebook_used`); `load_vq` here only reads and unwraps the file.
 
 Files: `read_checkpoint` reads `.pt`/`.pth`/`.bin`/`.ckpt` (torch.save zip archives, through the
 restricted reader of `npp_jax.torch_pickle`: no PyTorch needed, nothing in the file is run),
-`.npz` (no pickles) and `.safetensors`.
+`.npz` (no pickles) and `.safetensors`, local or on the Hugging Face Hub (`hf://OWNER/REPO/FILE`
+or a released model's name such as `npp-b`, downloaded by `npp_jax.hub`).
 
 Command line, writing a params-only orbax checkpoint (`checkpoint.save_params`: DST/params plus
 DST/model_config.json holding the ModelConfig or VQConfig fields) that `config.ckpt.init_from`,
 `config.sample.vq_checkpoint`, `load_converted_gpt` and `load_converted_vq` read:
   python -m npp_jax.convert --kind gpt --src c2i_B_256.pt --dst /ckpt/npp_b [--variant B]
   python -m npp_jax.convert --kind vq --src vq_ds16_c2i.pt --dst /ckpt/vq16
+  python -m npp_jax.convert --kind gpt --src npp-b --dst gs://BUCKET/npp_b  # from the hub
 Before reading SRC it refuses a DST that is a file or lies under one, and a DST holding a
 conversion of the other kind; rerunning a conversion into its own DST overwrites it.
 """
@@ -46,73 +49,17 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import nnx
 
 from npp_jax import checkpoint
 from npp_jax import model as model_lib
-from npp_jax import torch_pickle
+from npp_jax import hub, torch_pickle
 from npp_jax import vq, vq_weights
+from npp_jax.state_dict import ConversionError, check_coverage, normalize_state_dict
 
-_PREFIXES = ("module.", "_orig_mod.")
 _IGNORED_GPT = re.compile(r"(^|\.)freqs_cis$|\.kv_cache\.")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 PathLike = str | os.PathLike
-
-
-class ConversionError(ValueError):
-  """A state dict does not match the model: lists every missing, unexpected and mis-shaped key."""
-
-
-def normalize_state_dict(ckpt: Mapping[str, Any], *, use_ema: bool = False) -> dict[str, np.ndarray]:
-  """The flat {reference key: numpy array} inside any checkpoint layout the reference writes."""
-  if use_ema:
-    if "ema" not in ckpt:
-      raise ConversionError(f"use_ema was requested but the checkpoint has no 'ema' entry "
-                            f"(top-level keys: {sorted(ckpt)[:10]}).")
-    ckpt = ckpt["ema"]
-    if not isinstance(ckpt, Mapping):
-      what = ckpt.qualname if isinstance(ckpt, torch_pickle.Opaque) else type(ckpt).__name__
-      raise ConversionError(f"the checkpoint's 'ema' entry is a {what}, not a state dict.")
-  else:
-    for layout in ("model", "module", "state_dict"):
-      if layout in ckpt and isinstance(ckpt[layout], Mapping):
-        ckpt = ckpt[layout]
-        break
-  out = {}
-  for key, value in ckpt.items():
-    name = str(key)
-    changed = True
-    while changed:
-      changed = False
-      for prefix in _PREFIXES:
-        if name.startswith(prefix):
-          name, changed = name[len(prefix):], True
-      name = name.replace("._orig_mod.", ".")
-    if isinstance(value, torch_pickle.Opaque):
-      raise ConversionError(f"entry {key!r} is a {value.qualname} object (not constructed), "
-                            f"not an array: not a weights mapping (keys: "
-                            f"{sorted(map(str, ckpt))[:10]}).")
-    out[name] = np.asarray(value)
-  return out
-
-
-def check_coverage(state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]],
-                   *, ignore: re.Pattern | None = None, what: str = "checkpoint") -> None:
-  """Raises one ConversionError listing all missing, unexpected and mis-shaped keys."""
-  problems = []
-  for key, shape in expected.items():
-    if key not in state_dict:
-      problems.append(f"missing key {key} (expected shape {tuple(shape)})")
-    elif tuple(state_dict[key].shape) != tuple(shape):
-      problems.append(f"shape mismatch for {key}: got {tuple(state_dict[key].shape)}, "
-                      f"expected {tuple(shape)}")
-  for key in state_dict:
-    if key not in expected and not (ignore and ignore.search(key)):
-      problems.append(f"unexpected key {key} (shape {tuple(state_dict[key].shape)})")
-  if problems:
-    raise ConversionError(f"{what} does not match the model ({len(problems)} problems):\n  "
-                          + "\n  ".join(problems))
 
 
 def gpt_config_from_state_dict(sd: Mapping[str, np.ndarray], *, variant: str | None = None,
@@ -216,8 +163,10 @@ def load_gpt(state_dict: Mapping[str, Any] | PathLike, *, variant: str | None = 
 
   Args:
     state_dict: a mapping from the reference's key names to arrays, or any checkpoint layout that
-      holds one (see `normalize_state_dict`), or the path of a file `read_checkpoint` reads.
-    variant: a named size (B, L, ...) giving the head count; checked against the shapes.
+      holds one (see `normalize_state_dict`), or the path of a file `read_checkpoint` reads
+      (also `hf://...` or a released model's name, e.g. "npp-b").
+    variant: a named size (B, L, ...) giving the head count; checked against the shapes. A
+      released model's name brings its own.
     n_head: the head count, when no variant matches.
     use_ema: take the `ema` entry of a training checkpoint.
     **overrides: other ModelConfig fields (e.g. dtype, grid_size, dropout rates).
@@ -226,6 +175,8 @@ def load_gpt(state_dict: Mapping[str, Any] | PathLike, *, variant: str | None = 
     ConversionError: listing every missing, unexpected or mis-shaped key.
   """
   if isinstance(state_dict, (str, os.PathLike)):
+    if variant is None and n_head is None:
+      variant = _released_variant(state_dict)
     state_dict = read_checkpoint(state_dict)
   sd = normalize_state_dict(state_dict, use_ema=use_ema)
   cfg = gpt_config_from_state_dict(sd, variant=variant, n_head=n_head, **overrides)
@@ -234,6 +185,11 @@ def load_gpt(state_dict: Mapping[str, Any] | PathLike, *, variant: str | None = 
   graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
   nnx.replace_by_pure_dict(state, jax_tree_asarray(gpt_params_from_state_dict(sd, cfg)))
   return nnx.merge(graphdef, state)
+
+
+def _released_variant(path: PathLike) -> str | None:
+  entry = hub.PRETRAINED.get(os.fspath(path))
+  return entry.variant if entry is not None else None
 
 
 def jax_tree_asarray(tree: Any) -> Any:
@@ -251,6 +207,7 @@ def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
   `.pt`/`.pth`/`.bin`/`.ckpt`: a torch.save zip archive, read without PyTorch; objects other than
   tensors and containers (e.g. the `args` Namespace) come back as inert `torch_pickle.Opaque`.
   `.npz`: arrays by name (pickled objects refused). `.safetensors`: arrays by name.
+  `hf://OWNER/REPO/FILE` or a released model's name: downloaded first (`hub.download`).
 
   Raises:
     FileNotFoundError: no such file.
@@ -260,6 +217,8 @@ def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
       or damaged file, or a file whose top level is not a mapping.
   """
   path = os.fspath(path)
+  if hub.is_remote(path):
+    return _read_hub_file(path)
   if os.path.isdir(path):
     raise IsADirectoryError(f"{path} is a directory, not a weight file (.pt/.pth/.bin/.ckpt, .npz "
                             f"or .safetensors); a directory written by npp_jax.convert is read "
@@ -291,6 +250,17 @@ def read_checkpoint(path: PathLike) -> Mapping[str, Any]:
     raise ConversionError(f"{path} holds a {what}, not a mapping of weights (a state dict or a "
                           f"training checkpoint holding one); re-save model.state_dict().")
   return ckpt
+
+
+def _read_hub_file(spec: str) -> Mapping[str, Any]:
+  """`read_checkpoint` of a hub file; one that cannot be read leaves the download cache."""
+  local = hub.download(spec)
+  try:
+    return read_checkpoint(local)
+  except ValueError as e:
+    hub.evict(local)
+    raise ConversionError(f"{hub.hub_path(spec)}: {e} (removed from the download cache {local}; "
+                          f"a rerun downloads it again).") from None
 
 
 def load_vq(path_or_state_dict: Mapping[str, Any] | PathLike, *,
@@ -380,6 +350,12 @@ def convert_checkpoint(kind: str, src: PathLike, dst: PathLike, *, variant: str 
     raise ConversionError(f"kind={kind!r} must be 'gpt' or 'vq'.")
   if kind == "vq" and (variant is not None or n_head is not None or overrides):
     raise ConversionError("variant, n_head and model overrides apply to kind='gpt' only.")
+  released = hub.PRETRAINED.get(os.fspath(src))
+  if released is not None and released.kind != kind:
+    raise ConversionError(f"--src {released.name} is a released {released.kind} model, not a "
+                          f"{kind}: pass --kind {released.kind}.")
+  if kind == "gpt" and variant is None and n_head is None:
+    variant = _released_variant(src)
   _check_dst(kind, dst)
   ckpt = read_checkpoint(src)
   if kind == "gpt":
@@ -435,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Convert LlamaGen/NPP PyTorch weights (GPT or VQ tokenizer) into an npp_jax "
                   "params checkpoint, strictly. PyTorch is not needed.")
   parser.add_argument("--kind", choices=("gpt", "vq"), required=True)
-  parser.add_argument("--src", required=True, help=".pt/.pth/.bin/.ckpt, .npz or .safetensors")
+  parser.add_argument("--src", required=True,
+                      help=".pt/.pth/.bin/.ckpt, .npz or .safetensors; hf://OWNER/REPO/FILE or a "
+                           f"released model's name ({', '.join(hub.PRETRAINED)})")
   parser.add_argument("--dst", required=True, help="output directory (local or gs://)")
   parser.add_argument("--variant",
                       help=f"GPT size, checked against the shapes: {list(model_lib.VARIANTS)}")
@@ -448,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     out = convert_checkpoint(args.kind, args.src, args.dst, variant=args.variant,
                              n_head=args.n_head, use_ema=args.use_ema, **overrides)
-  except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+  except (ValueError, OSError) as e:  # bad input; missing or unreadable files, failed downloads
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {out['dst']}/params ({out['num_params']:,} parameters, float32) and "
@@ -457,17 +435,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   if out["ignored"]:
     print(f"not constructed, not weights (ignored): {', '.join(out['ignored'])}")
   return 0
-
-
-def load_vq_checkpoint(path: str) -> "vq.VQModel":
-  """The tokenizer from a converted params dir (`python -m npp_jax.convert --kind vq`; local or
-  gs://) or a LlamaGen weight file (.pt/.pth/.bin/.ckpt, or a state-dict .npz/.safetensors)."""
-  if not path:
-    raise ValueError("no VQ checkpoint given (a converted VQ dir, or a .pt/.npz file).")
-  p = epath.Path(path)
-  if not p.exists():
-    raise FileNotFoundError(f"no VQ checkpoint at {path}.")
-  return load_converted_vq(path) if p.is_dir() else load_vq(path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The CPU demo dataset: scikit-learn's 8x8 digits as 16x16 token grids, plus its scoring helpers.
+"""The CPU demo: scikit-learn's 8x8 digits as 16x16 token grids, its scoring helpers and its report.
 
 Owns the recipe that turns `sklearn.datasets.load_digits` (1,797 images, values 0..16, 10 classes)
 into token shards with the same format and sequence length (16x16 = 256 tokens) as ImageNet-256:
@@ -12,16 +12,21 @@ into token shards with the same format and sequence length (16x16 = 256 tokens) 
 * Validation split: a fixed 10% of every class (seeded permutation), the rest is train.
 
 Also: `palette_decode` (tokens -> RGB for sample grids), `unigram_entropy` (the loss of a
-context-free baseline) and `fit_digits_classifier` (scores whether samples show their class).
+context-free baseline), `fit_digits_classifier` (scores whether samples show their class), and
+`BUILTIN`, which makes this module the built-in data set `config.data.builtin = "digits"` (see
+npp_jax/builtin_data.py): the trainer builds the shards into <workdir>/digits_tokens and, at the
+end of training, `Report` compares the eval loss with the unigram baseline, samples 10 digits per
+class, scores them with the classifier and writes <workdir>/samples.png.
 """
 import functools
 from typing import Callable
 
 from etils import epath
+import jax
 import numpy as np
 from PIL import Image
 
-from npp_jax import data
+from npp_jax import builtin_data, data, hooks, sample
 
 DIGITS_VOCAB_SIZE = 16
 DIGITS_NUM_CLASSES = 10
@@ -157,3 +162,38 @@ def fit_digits_classifier(num_views: int = MAX_VIEWS) -> Callable[[np.ndarray], 
     return knn.predict(_features(images_Bx16x16x3)).astype(np.int32)
   return predict
 
+
+
+class Report(hooks.Hook):
+  """The demo's end of training: eval loss vs the unigram baseline, and 10 CFG samples per class
+  scored by the digit classifier, their grid in TensorBoard and <workdir>/samples.png."""
+
+  def __init__(self, run: hooks.Run):
+    self.run = run
+    self.grids = hooks.SampleGrids(run)
+
+  def finish(self, step: int, state: hooks.State, summary: dict) -> dict:
+    c, workdir = self.run.config, self.run.workdir
+    out, report = {}, []
+    eval_loss = summary.get("eval_loss")
+    if c.data.eval_split and eval_loss is not None:
+      baseline = unigram_entropy(self.run.data_path, c.data.eval_split)
+      gap = baseline - eval_loss
+      report.append(f"validation loss {eval_loss:.3f} nats/token vs {baseline:.3f} for the "
+                    f"unigram baseline ({abs(gap):.3f} {'lower' if gap >= 0 else 'higher'})")
+      out["unigram_loss"] = baseline
+    images, labels = self.grids.images(step, state, per_class=10)
+    accuracy = float(np.mean(fit_digits_classifier()(images) == labels))
+    grid = sample.class_grid(images, labels, ncols=10)
+    png = workdir / "samples.png"
+    if jax.process_index() == 0:
+      with png.open("wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
+    self.run.writer.write_images(step, {"samples_per_class": grid[None]})
+    report.append(f"CFG samples (10 per class): a digit classifier agrees with the class on "
+                  f"{accuracy:.0%}; grid: {png}")
+    return {**out, "sample_accuracy": accuracy, "samples_png": str(png), "report": report}
+
+
+BUILTIN = builtin_data.BuiltinData(build=build_digits_shards, decode=palette_decode,
+                                   hooks=lambda run: [Report(run)])

@@ -19,6 +19,7 @@ before absl has parsed their flags, and JAX must be imported after that.
 from __future__ import annotations
 
 import dataclasses
+import signal
 
 from absl import flags, logging
 
@@ -32,7 +33,8 @@ def define_flags() -> None:
                       "host:port of process 0 (CPU/GPU clusters, tests); with --num_processes and "
                       "--process_id. On Cloud TPU slices, GKE, SLURM or Open MPI JAX finds these "
                       "by itself.")
-  flags.DEFINE_integer("num_processes", None, "Number of JAX processes (with --coordinator_address).")
+  flags.DEFINE_integer("num_processes", None,
+                       "Number of JAX processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "Index of this process (with --coordinator_address).")
   flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                        "Multi-process: a peer silent this long is taken as dead and every process "
@@ -66,11 +68,25 @@ def detect_cluster() -> Cluster | None:
 
 def initialize(*, coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, heartbeat_timeout_seconds: int = 100,
-               initialization_timeout_seconds: int = 300) -> str:
+               initialization_timeout_seconds: int = 300, sigterm_stops: bool = False) -> str:
   """Joins the distributed system this process belongs to, if any; returns how it decided.
+
+  Initialising hands SIGTERM to JAX's preemption sync manager, which only records it: the
+  trainer polls it and saves (checkpoint.install_preemption_handler). `sigterm_stops=True` (CLIs
+  that never poll it: sampling and tokenising resume from what they wrote) gives SIGTERM back its
+  default action, so a preemption or launch/stop.sh ends them at once.
 
   Raises ValueError naming the flag when the explicit flags are incomplete or inconsistent.
   """
+  how = _join(coordinator_address, num_processes, process_id, heartbeat_timeout_seconds,
+              initialization_timeout_seconds)
+  if sigterm_stops:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  return how
+
+
+def _join(coordinator_address, num_processes, process_id, heartbeat_timeout_seconds,
+          initialization_timeout_seconds) -> str:
   import jax  # pylint: disable=g-import-not-at-top
 
   timeouts = dict(heartbeat_timeout_seconds=heartbeat_timeout_seconds,
@@ -105,9 +121,10 @@ def _check_explicit(coordinator_address, num_processes, process_id) -> None:
     raise ValueError(f"--process_id={process_id} is not in [0, --num_processes={num_processes}).")
 
 
-def initialize_from_flags() -> str:
+def initialize_from_flags(*, sigterm_stops: bool = False) -> str:
   """`initialize` with the values of the flags `define_flags` defined; logs the outcome."""
-  how = initialize(**{name: flags.FLAGS[name].value for name in _FLAGS})
+  values = {name: flags.FLAGS[name].value for name in _FLAGS}
+  how = initialize(sigterm_stops=sigterm_stops, **values)
   import jax  # pylint: disable=g-import-not-at-top
   logging.info("Start-up: %s. JAX process %d of %d; %d local / %d global devices (%s).", how,
                jax.process_index(), jax.process_count(), jax.local_device_count(),

@@ -52,20 +52,11 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from npp_jax import checkpoint, data, distributed, extract_plan, preprocess, sharding, vq
+from npp_jax import checkpoint, data, distributed, extract_plan, hub, preprocess, sharding, vq
+from npp_jax import load as load_lib
 from npp_jax.image_sources import ImageSource, SourceError, open_sources
 
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
-
-
-# ----------------------------------------------------------------------------- VQ checkpoint
-
-def load_vq_model(path: str) -> vq.VQModel:
-  """The tokenizer of config.vq_checkpoint (see convert.load_vq_checkpoint)."""
-  from npp_jax import convert  # At run time: convert is the heavier module and changes apart.
-  if not path:
-    raise ValueError("config.vq_checkpoint is empty (a converted VQ dir, or a .pt/.npz file)")
-  return convert.load_vq_checkpoint(path)
 
 
 # ----------------------------------------------------------------------------- config
@@ -176,7 +167,8 @@ def _shard_header(sources: Mapping[str, ImageSource], model: vq.VQModel,
       "view_names": names,
       "view_layout": layout,
       "preprocessing": "PIL RGB decode, ADM center_crop_arr, ToTensor, Normalize(0.5, 0.5)",
-      "tokenizer": {"checkpoint": str(checkpoint.as_path(config.vq_checkpoint)),
+      "tokenizer": {"checkpoint": (config.vq_checkpoint if hub.is_remote(config.vq_checkpoint)
+                                   else str(checkpoint.as_path(config.vq_checkpoint))),
                     "config": dataclasses.asdict(cfg)},
   }
   return dict(grid_size=size // cfg.downsample_factor, vocab_size=cfg.codebook_size,
@@ -280,7 +272,10 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
   for split in sources:
     if not _SPLIT_RE.fullmatch(split):  # data.ShardWriter's rule, checked before any work.
       raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
-  model = load_vq_model(config.vq_checkpoint)
+  if not config.vq_checkpoint:
+    raise ValueError("config.vq_checkpoint is empty (vq-16, an hf:// path, a converted VQ dir, "
+                     "or a .pt/.npz file)")
+  model = load_lib.load_vq(config.vq_checkpoint)
   header = _shard_header(sources, model, config)
   plan = extract_plan.make_plan({s: len(src) for s, src in sources.items()},
                                 config.records_per_shard, header)
@@ -360,7 +355,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  distributed.initialize_from_flags()
+  distributed.initialize_from_flags(sigterm_stops=True)  # resumes from what it wrote
   meta = extract(f.config)
   if meta is not None:
     print(f"Wrote {f.config.out}: " + ", ".join(f"{s} {meta.num_records(s)} records"

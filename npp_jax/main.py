@@ -36,10 +36,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FINISHED = "finished.json"  # the marker of a finished run in the workdir.
 
 
-def _vs_baseline(gap: float) -> str:
-  return f"{gap:.3f} lower" if gap >= 0 else f"{-gap:.3f} higher"
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -64,13 +60,9 @@ def main(argv):
       marker.write_text(json.dumps({k: summary.get(k) for k in ("step", "train_loss", "eval_loss")})
                         + "\n")
     print(f"Training finished at step {summary['step']} "
-          f"(train loss {summary['train_loss']}, eval loss {summary['eval_loss']}).")
-    if summary.get("unigram_loss") is not None and summary["eval_loss"] is not None:
-      print(f"  validation loss {summary['eval_loss']:.3f} nats/token vs {summary['unigram_loss']:.3f} "
-            f"for the unigram baseline ({_vs_baseline(summary['unigram_loss'] - summary['eval_loss'])})")
-    if summary.get("sample_accuracy") is not None:
-      print(f"  CFG samples (10 per class): a digit classifier agrees with the class on "
-            f"{summary['sample_accuracy']:.0%}; grid: {summary['samples_png']}")
+          f"(train loss {summary['train_loss']}, eval loss {summary.get('eval_loss')}).")
+    for line in summary.get("report", ()):  # from the hooks (e.g. a built-in data set's report).
+      print(f"  {line}")
     print(f"  training cost relative to next-token prediction: {summary['training_cost']:.3f}\n"
           f"  checkpoints: {summary['workdir']}/checkpoints\n"
           f"  TensorBoard: tensorboard --logdir {summary['workdir']}")

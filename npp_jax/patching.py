@@ -2,7 +2,7 @@
 
 Owns: patch averaging of token embeddings, grouping of the targets per patch, the patch loss, the
 2D RoPE tables of every patch level, and the multi-level patch schedule (segment boundaries,
-patch size at a step, the per-segment learning-rate multiplier and the training-cost ratio).
+patch size at a step and the training-cost ratio). The learning-rate schedule is `optim.py`'s.
 
 Shape legend: B batch, N tokens of the square grid (N = G*G), G grid side, p patch side,
 K = p*p tokens per patch, P = N / K patches, D width, V vocabulary, L sequence length.
@@ -16,7 +16,6 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 
 def grid_side(num_tokens: int) -> int:
@@ -271,26 +270,3 @@ def training_cost(schedule: Schedule) -> float:
   """
   total = schedule.total_steps
   return sum((s.end - s.start) / total / s.tokens_per_patch for s in schedule.segments)
-
-
-def lr_multiplier(schedule: Schedule, *, warmup_steps: int, decay_fraction: float = 0.2,
-                  end_factor: float = 0.1) -> optax.Schedule:
-  """Per-segment learning-rate multiplier, a pure function of the global step.
-
-  In every segment: linear warmup from 0 to 1 over `warmup_steps`, constant, then linear decay to
-  `end_factor` (end_lr / base_lr) over the last `decay_fraction` of the segment (the NPP code's
-  per-segment LambdaLR, but a function of the global step so resume lands exactly).
-  """
-  pieces, boundaries = [], []
-  for seg in schedule.segments:
-    length = seg.end - seg.start
-    warm = min(warmup_steps, length)
-    decay = int(length * decay_fraction)
-    const = max(length - warm - decay, 0)
-    pieces.append(optax.join_schedules(
-        [optax.linear_schedule(0.0, 1.0, max(warm, 1)),
-         optax.constant_schedule(1.0),
-         optax.linear_schedule(1.0, end_factor, max(decay, 1))],
-        [warm, warm + const]))
-    boundaries.append(seg.end)
-  return optax.join_schedules(pieces, boundaries[:-1])

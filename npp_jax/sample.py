@@ -4,9 +4,10 @@ Owns: `generate` (token-by-token decoding of the final 1x1 model with a static-s
 one compiled loop; the cache and the per-step layer maths live in `npp_jax/decode.py`),
 `generate_full_recompute` (the same sampling without a cache, the reference
 for tests and benchmarks), `make_sampler` (jitted and sharded over a mesh), the decoders from
-codes to uint8 images (VQ-16, the digits palette, a raw token palette), and `class_grid` /
-`sample_grid`. Loading weights (`sample_cli.load_model`) and the CLI that writes the ADM `.npz`
-live in `npp_jax/sample_cli.py` (`python -m npp_jax.sample` runs it).
+codes to uint8 images (VQ-16, a built-in data set's palette, a raw token palette),
+`sample_classes` (labels padded to the mesh in this one place) and `class_grid` / `sample_grid`.
+Loading weights is `npp_jax/load.py`'s; the CLI that writes the ADM `.npz` lives in
+`npp_jax/sample_cli.py` (`python -m npp_jax.sample` runs it).
 
 Sampling follows LlamaGen's `generate` (facts section 4) except where noted:
   * CFG rows: each label b gets a conditional row and a null-class row, interleaved (row 2b, 2b+1)
@@ -37,10 +38,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 
-from npp_jax import decode, digits, sharding, vq
+from npp_jax import builtin_data, decode, load, sharding, vq
 from npp_jax import model as model_lib
 
-NO_DROPOUT = dict(token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0, class_dropout=0.0)
+NO_DROPOUT = load.NO_DROPOUT  # ModelConfig overrides of a sampling model.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +347,7 @@ def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
 # ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Decoder:
-  name: str  # "vq" | "digits" | "tokens"
+  name: str  # "vq" | "builtin" | "tokens"
   fn: Callable[[Any], np.ndarray]
 
   def __call__(self, codes_BxN: Any) -> np.ndarray:
@@ -361,33 +362,26 @@ def _token_palette(codes_BxN: Any, vocab_size: int) -> np.ndarray:
   return palette[codes].reshape(codes.shape[0], g, g, 3)
 
 
-def load_vq(path: str) -> vq.VQModel:
-  """The tokenizer of config.sample.vq_checkpoint: a converted dir or a LlamaGen weight file."""
-  from npp_jax import convert
-  if not path:
-    raise ValueError("config.sample.vq_checkpoint is empty.")
-  return convert.load_vq_checkpoint(path)
-
-
 def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None = None,
                  *, vq_checkpoint: str = "", builtin: str = "") -> Decoder:
-  """The decoder of `kind`: "vq", "digits", "tokens", or "auto" (digits for the digits demo,
-  else VQ, which then needs `vq_checkpoint`)."""
+  """The decoder of `kind`: "vq", "builtin" (the palette of the built-in data set `builtin`,
+  config.data.builtin), "tokens", or "auto" (builtin when `builtin` is set, else VQ, which then
+  needs `vq_checkpoint`)."""
   if kind == "auto":
-    is_digits = builtin == "digits" or model_cfg.vocab_size == digits.DIGITS_VOCAB_SIZE
-    kind = "digits" if is_digits else "vq"
-  if kind == "digits":
-    return Decoder("digits", lambda c: digits.palette_decode(to_host(c)))
+    kind = "builtin" if builtin else "vq"
+  if kind == "builtin":
+    decode_fn = builtin_data.lookup(builtin).decode
+    return Decoder("builtin", lambda c: decode_fn(to_host(c)))
   if kind == "tokens":
     return Decoder("tokens", lambda c: _token_palette(c, model_cfg.vocab_size))
   if kind != "vq":
-    raise ValueError(f"decoder={kind!r} must be one of auto, vq, digits, tokens.")
+    raise ValueError(f"decoder={kind!r} must be one of auto, vq, builtin, tokens.")
   if not vq_checkpoint:
     raise ValueError("config.sample.vq_checkpoint is empty: a VQ decoder needs converted VQ-16 "
                      "weights (or pick decoder 'tokens' to see raw codes).")
   if mesh is None:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  vq_model = load_vq(vq_checkpoint)
+  vq_model = load.load_vq(vq_checkpoint)
   if vq_model.config.codebook_size != model_cfg.vocab_size:
     raise ValueError(f"VQ checkpoint {vq_checkpoint} has a codebook of "
                      f"{vq_model.config.codebook_size} codes but the model's vocab_size is "
@@ -435,17 +429,28 @@ def class_grid(images_BxHxWx3: np.ndarray, labels: Sequence[Any], ncols: int, *,
   return np.asarray(canvas)
 
 
+def sample_classes(model: model_lib.Transformer, mesh: jax.sharding.Mesh, classes: Sequence[int],
+                   rng: jax.Array, *, decoder: Decoder, per_class: int = 1,
+                   **sampling_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+  """`per_class` decoded samples of each class: uint8 images [B, H, W, 3] and int32 labels [B]
+  (B = len(classes) * per_class, class-major). The batch is padded to the mesh's batch shards by
+  repeating the last label (any number of classes on any number of devices)."""
+  labels = np.repeat(np.asarray(classes, np.int32), per_class)
+  n = len(labels)
+  padded = np.concatenate([labels, np.repeat(labels[-1:], -n % batch_shards(mesh))])
+  codes = to_host(make_sampler(model, mesh, **sampling_kwargs)(padded, rng))[:n]
+  return decoder(codes), labels
+
+
 def sample_grid(model: model_lib.Transformer, mesh: jax.sharding.Mesh, classes: Sequence[int],
                 rng: jax.Array, *, decoder: Decoder, per_class: int = 1, ncols: int | None = None,
                 **sampling_kwargs: Any) -> np.ndarray:
   """Samples `per_class` images of each class and returns their labelled uint8 grid
   (one row per class when per_class > 1)."""
-  labels = np.repeat(np.asarray(classes, np.int32), per_class)
-  n = len(labels)
-  padded = np.concatenate([labels, np.repeat(labels[-1:], -n % batch_shards(mesh))])
-  codes = to_host(make_sampler(model, mesh, **sampling_kwargs)(padded, rng))[:n]
-  ncols = ncols or (per_class if per_class > 1 else n)
-  return class_grid(decoder(codes), labels, ncols)
+  images, labels = sample_classes(model, mesh, classes, rng, decoder=decoder, per_class=per_class,
+                                  **sampling_kwargs)
+  ncols = ncols or (per_class if per_class > 1 else len(labels))
+  return class_grid(images, labels, ncols)
 
 
 def options_from_config(config: ml_collections.ConfigDict, **overrides: Any) -> dict:
@@ -459,12 +464,8 @@ def options_from_config(config: ml_collections.ConfigDict, **overrides: Any) -> 
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  import runpy
 
-  from npp_jax import sample_cli
-
-  sample_cli.define_flags()
-  # `--help` prints the CLI's usage (absl reads __main__'s docstring) and lists its flags.
-  __doc__ = sample_cli.__doc__
-  flags.adopt_module_key_flags(sample_cli)
-  app.run(sample_cli.main)
+  # `python -m npp_jax.sample` is the CLI's name: run sample_cli as __main__ (no import of the CLI
+  # by this library module).
+  runpy.run_module("npp_jax.sample_cli", run_name="__main__", alter_sys=True)

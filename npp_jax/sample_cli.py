@@ -1,16 +1,22 @@
 """Sampling CLI: the ADM-format `.npz` of N class-conditional samples, resumable in chunks.
 
-Owns `load_model` (weights from a params checkpoint or a training workdir), the label plan, the
-chunked `.npz` writer and the flags. The decoding itself is `npp_jax/sample.py`.
+Owns the label plan, the chunked `.npz` writer and the flags. The decoding itself is
+`npp_jax/sample.py`, loading the weights `npp_jax/load.py`.
 
+  python -m npp_jax.sample --pretrained=npp-b --out=DIR [--num_samples=50000] [--grid] ...
   python -m npp_jax.sample --config=configs/npp_b.py --checkpoint=DIR --out=DIR \
       [--num_samples=50000] [--per_device_batch=32] [--seed=0] [--labels=balanced|uniform] \
       [--png] [--grid] [--cfg_scale=2.0 --cfg_interval=-1 --temperature=1 --top_k=0 --top_p=1] \
-      [--use_ema] [--decoder=auto|vq|digits|tokens] [--mesh=data|config]
+      [--use_ema] [--decoder=auto|vq|builtin|tokens] [--mesh=data|config]
 
---checkpoint is a params checkpoint directory (converted LlamaGen/NPP weights) or a training
-workdir (its latest step). Sampling parameters default to `config.sample.*`; images are decoded
-with `config.sample.vq_checkpoint` (VQ-16) or, for the digits demo, its palette. Writes:
+--pretrained names a released model (hub.PRETRAINED: npp-b ... npp-xxl, llamagen-b, llamagen-l):
+its weights come from the Hugging Face Hub (downloaded and converted once, then cached), its
+config from configs/ (unless --config is given) and the VQ-16 from the hub unless
+config.sample.vq_checkpoint is set. --checkpoint is anything `load.load_model` takes: a params
+checkpoint directory (converted weights), a training workdir (its latest step), a weight file,
+`hf://OWNER/REPO/FILE` or a released name. Sampling parameters default to `config.sample.*`;
+images are decoded with `config.sample.vq_checkpoint` (VQ-16) or a built-in data set's palette
+(the demo). Writes:
   OUT/samples.npz        arr_0: uint8 [N, H, W, 3] (what the ADM evaluator reads), labels: int32 [N]
   OUT/chunks/chunk_*.npz one global batch each, written atomically; a restart skips finished ones
   OUT/run.json           the settings; a restart with different settings is refused
@@ -23,7 +29,7 @@ do not fit on one device). Multi-process: run the same command on every process.
 """
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import json
 import time
 import zipfile
@@ -34,13 +40,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
-from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
 
-from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, distributed, logs, sample, sharding
-from npp_jax import model as model_lib
+from npp_jax import distributed, hub, load, logs, sample, sharding
 
 FLAGS = flags.FLAGS
 
@@ -48,7 +51,10 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the CLI's flags (only for the entry point, so importing this module is harmless)."""
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-  flags.DEFINE_string("checkpoint", None, "Params checkpoint dir or training workdir.")
+  flags.DEFINE_enum("pretrained", None, list(hub.GPT_NAMES),
+                    "A released model: weights from the hub, config from configs/, VQ-16.")
+  flags.DEFINE_string("checkpoint", None, "Params checkpoint dir, training workdir, weight file, "
+                      "hf://OWNER/REPO/FILE or a released name.")
   flags.DEFINE_string("out", None, "Output directory (local or gs://).")
   flags.DEFINE_integer("num_samples", 50000, "Number of images.")
   flags.DEFINE_integer("per_device_batch", 32, "Images per device per batch.")
@@ -58,7 +64,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("grid", False, "Also write OUT/grid.png of config.sample.grid_classes.")
   flags.DEFINE_integer("grid_per_class", 4, "Images per class in the grid.")
   flags.DEFINE_bool("use_ema", False, "Use the EMA params of a training workdir.")
-  flags.DEFINE_enum("decoder", "auto", ["auto", "vq", "digits", "tokens"], "Codes -> images.")
+  flags.DEFINE_enum("decoder", "auto", ["auto", "vq", "builtin", "tokens"], "Codes -> images.")
   flags.DEFINE_enum("mesh", "data", ["data", "config"], "Device mesh (see the docstring).")
   flags.DEFINE_float("cfg_scale", None, "Default: config.sample.cfg_scale.")
   flags.DEFINE_integer("cfg_interval", None, "Default: config.sample.cfg_interval.")
@@ -67,66 +73,6 @@ def define_flags() -> None:
   flags.DEFINE_float("top_p", None, "Default: config.sample.top_p.")
   distributed.define_flags()
   flags.adopt_module_key_flags(distributed)  # listed by --help
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading weights: params checkpoints and training workdirs.
-# ---------------------------------------------------------------------------------------------
-def _model_cfg(config: ml_collections.ConfigDict, stored: dict | None,
-               where: str = "") -> model_lib.ModelConfig:
-  """The config's ModelConfig without dropout; a stored model_config.json sets the architecture
-  (compute dtype, remat, scan unrolling and kernels stay the config's: they are choices of this run)."""
-  cfg = config_lib.model_config(config, **sample.NO_DROPOUT)
-  if stored is None:
-    return cfg
-  unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(model_lib.ModelConfig)})
-  if unknown:
-    hint = (" It describes a VQ tokenizer: pass it as config.sample.vq_checkpoint, and a GPT "
-            "checkpoint as --checkpoint." if "codebook_size" in stored else "")
-    raise ValueError(f"{where}model_config.json has fields no GPT model has: {unknown}.{hint}")
-  keep = set(sample.NO_DROPOUT) | {"dtype", "remat", "scan_unroll", "kernels"}
-  arch = {k: v for k, v in stored.items() if k not in keep}
-  differ = {k: (getattr(cfg, k), v) for k, v in arch.items() if getattr(cfg, k) != v}
-  if differ:
-    logging.warning("The checkpoint's model_config.json overrides the config: %s", differ)
-  return dataclasses.replace(cfg, **arch)
-
-
-def _abstract_state(cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None):
-  abstract = nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  if mesh is None:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
-  else:
-    shardings = sharding.state_shardings(state, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       state, shardings)
-  return graphdef, state
-
-
-def load_model(config: ml_collections.ConfigDict, checkpoint: str, *, use_ema: bool = False,
-               mesh: jax.sharding.Mesh | None = None) -> model_lib.Transformer:
-  """The model of `config` with the weights of `checkpoint` (deterministic: no dropout).
-
-  `checkpoint` is a params-only checkpoint directory (`checkpoint.save_params`; a
-  `model_config.json` beside it defines the architecture) or a training workdir (the latest
-  step's params, or its EMA with use_ema). Arrays are placed by the mesh's shardings.
-  """
-  path = epath.Path(checkpoint)
-  if (path / "checkpoints").exists():
-    graphdef, target = _abstract_state(_model_cfg(config, None), mesh)
-    state = ckpt_lib.restore_params(path, target, use_ema=use_ema)
-  elif (path / "params").exists():
-    if use_ema:
-      raise ValueError(f"use_ema: {checkpoint} is a params-only checkpoint, not a workdir.")
-    cfg = _model_cfg(config, ckpt_lib.read_model_config(path), where=f"{path}/")
-    graphdef, target = _abstract_state(cfg, mesh)
-    state = ckpt_lib.load_params(path, target)
-  else:
-    raise FileNotFoundError(f"checkpoint {checkpoint} is neither a params checkpoint (no "
-                            f"{path / 'params'}) nor a training workdir (no "
-                            f"{path / 'checkpoints'}).")
-  return nnx.merge(graphdef, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,8 +185,8 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
   device_mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1} if mesh == "data"
                                    else dict(config.mesh))
   out = epath.Path(out)
-  model = load_model(config, checkpoint, use_ema=use_ema, mesh=device_mesh)
-  # The checkpoint's model_config.json wins over the config (load_model warns when they differ).
+  model = load.load_model(checkpoint, config, use_ema=use_ema, mesh=device_mesh)
+  # The checkpoint's model_config.json wins over the config (load.load_model warns if they differ).
   num_classes = model.cfg.num_classes
   all_labels = make_labels(num_samples, num_classes, seed, labels)
   dec = sample.make_decoder(decoder, model.cfg, device_mesh,
@@ -288,15 +234,39 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
   return dict(sampled=done, skipped=skipped, complete=True, out=str(out))
 
 
+def pretrained_config(name: str) -> ml_collections.ConfigDict:
+  """The experiment config of released model `name`, decoding with the hub's VQ-16."""
+  config = importlib.import_module(f"configs.{hub.PRETRAINED[name].config}").get_config()
+  config.sample.vq_checkpoint = "vq-16"
+  return config
+
+
+def _config_and_checkpoint() -> tuple[ml_collections.ConfigDict, str]:
+  """The config and checkpoint the flags name (--pretrained fills what is not given)."""
+  name = FLAGS.pretrained
+  if FLAGS.out is None:
+    raise app.UsageError("--out is required.")
+  if name is None and (FLAGS.config is None or FLAGS.checkpoint is None):
+    raise app.UsageError("--config and --checkpoint are required (or --pretrained=NAME).")
+  if name is not None:
+    entry = hub.PRETRAINED[name]
+    logging.info("%s (%s): its paper reports FID %s at CFG %s on 50k samples.", name, entry.path,
+                 entry.fid, entry.cfg_scale)
+  if FLAGS.config is None:
+    return pretrained_config(name), FLAGS.checkpoint or name
+  config = FLAGS.config
+  if name is not None and not config.sample.vq_checkpoint:
+    config.sample.vq_checkpoint = "vq-16"
+  return config, FLAGS.checkpoint or name
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logs.quiet_library_logs()
-  for name in ("config", "checkpoint", "out"):
-    if FLAGS[name].value is None:
-      raise app.UsageError(f"--{name} is required.")
-  distributed.initialize_from_flags()
-  run(FLAGS.config, FLAGS.checkpoint, FLAGS.out, num_samples=FLAGS.num_samples,
+  config, checkpoint = _config_and_checkpoint()
+  distributed.initialize_from_flags(sigterm_stops=True)  # resumes from what it wrote
+  run(config, checkpoint, FLAGS.out, num_samples=FLAGS.num_samples,
       per_device_batch=FLAGS.per_device_batch, seed=FLAGS.seed, labels=FLAGS.labels,
       png=FLAGS.png, grid=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
       use_ema=FLAGS.use_ema, decoder=FLAGS.decoder, mesh=FLAGS.mesh, cfg_scale=FLAGS.cfg_scale,

@@ -126,14 +126,3 @@ def create_sharded(ctor: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
   with use_mesh(mesh):
     state = jax.jit(init, out_shardings=shardings)()
   return nnx.merge(graphdef, state)
-
-
-def validate_batch(global_batch_size: int, mesh: jax.sharding.Mesh, process_count: int) -> None:
-  """Raises a ValueError unless the global batch splits over the batch axes and the processes."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if global_batch_size % shards:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
-                     f"data x fsdp devices ({shards}).")
-  if global_batch_size % process_count:
-    raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the process count "
-                     f"({process_count}).")

@@ -1,13 +1,17 @@
-"""Training: the train state, the pure train/eval steps, and the loop with metrics and checkpoints.
+"""Training: the train state, the pure train step, and `train_and_evaluate`: set-up, loop, finish.
 
-Owns `train_and_evaluate(config, workdir)`. The state is arrays only ({step, params, opt_state}
-and optionally ema); the step is a module-level pure function jitted once per patch size with
-explicit shardings and a donated state; dropout keys are folded from the step; the patch size and
-the learning rate are pure functions of the step. So a resumed run needs nothing but the state and
-the data position, and it continues bit for bit.
+The state is arrays only ({step, params, opt_state} and optionally ema); the step is a
+module-level pure function jitted once per patch size with explicit shardings and a donated state;
+dropout keys are folded from the step; the patch size and the learning rate are pure functions of
+the step. So a resumed run needs nothing but the state and the data position, and it continues bit
+for bit. The loop trains, logs (loss, norms, LR, throughput, MFU, input wait), checkpoints, and
+calls the hooks that the config asks for (npp_jax/hooks.py: eval loss, sample grids, profile, a
+built-in data set's report). Compiled programs go to a persistent compilation cache
+(config.compile_cache), from which a restarted run loads them instead of compiling.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -22,12 +26,18 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
+from npp_jax import (builtin_data, chips, config_lib, data, flops, kernels, optim, patching,
+                     sharding)
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, data, kernels, optim, patching, sharding
+from npp_jax import hooks as hooks_lib
+from npp_jax import load
 from npp_jax import model as model_lib
 
-State = dict[str, Any]
+State = hooks_lib.State
+host = hooks_lib.host
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,15 +76,6 @@ def train_step(state: State, batch: dict, *, graphdef: nnx.GraphDef,
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "param_norm": optax.tree.norm(params), "lr": lr_fn(step)}
   return new_state, metrics
-
-
-def eval_step(params: nnx.State, batch: dict, *, graphdef: nnx.GraphDef) -> dict:
-  """Summed next-token (p = 1) CE and token count of the unmasked examples of a batch."""
-  model = nnx.merge(graphdef, params)
-  logits = model(batch["codes"], batch["labels"], patch_size=1)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["codes"]).mean(-1)
-  mask = batch["mask"].astype(jnp.float32)
-  return {"ce_sum": jnp.sum(ce * mask), "count": jnp.sum(mask)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class StepFns:
     self.batch_shardings = sharding.batch_sharding(mesh)
     self.mesh = mesh
     self.compiled: dict[int, Callable] = {}
+    self.compile_seconds = 0.0  # spent in compiling (or loading from the cache) so far.
 
   def lower(self, patch_size: int, state: State, batch: dict) -> jax.stages.Lowered:
     """The train step of `patch_size` lowered for these arguments (arrays or abstract
@@ -131,17 +133,39 @@ class StepFns:
 
   def __call__(self, patch_size: int, state: State, batch: dict) -> tuple[State, dict]:
     if patch_size not in self.compiled:
-      t0 = time.time()
+      t0, hits = time.perf_counter(), _cache_hits[0]
       self.compiled[patch_size] = self.lower(patch_size, state, batch).compile()
-      logging.info("Compiled the train step for patch size %d in %.1fs.", patch_size,
-                   time.time() - t0)
+      dt = time.perf_counter() - t0
+      self.compile_seconds += dt
+      logging.info("Compiled the train step for patch size %d in %.1fs%s.", patch_size, dt,
+                   " (loaded from the persistent compilation cache)" if _cache_hits[0] > hits
+                   else "")
     with sharding.use_mesh(self.mesh):
       return self.compiled[patch_size](state, batch)
 
 
-def host(tree: Any) -> Any:
-  """Numpy values of replicated (possibly multi-process) arrays, from this process's first shard."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+_cache_hits = [0]  # persistent compilation cache hits of this process (jax.monitoring events).
+
+
+def _count_cache_hit(event: str, **_) -> None:
+  if event == "/jax/compilation_cache/cache_hits":
+    _cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hit)
+
+
+def use_compile_cache(config: ml_collections.ConfigDict, workdir: epath.Path) -> str | None:
+  """Points JAX's persistent compilation cache at config.compile_cache ("{workdir}" replaced by
+  `workdir`; local or gs://, which JAX reads through etils.epath). Must run before the first
+  compile. Returns the directory, or None for "" (JAX's own setting is left as it is)."""
+  if not config.compile_cache:
+    return None
+  path = str(ckpt_lib.as_path(config.compile_cache.replace("{workdir}", str(workdir))))
+  if jax.config.jax_compilation_cache_dir != path:
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # a cache opened on another directory reopens on this one.
+  return path
 
 
 def _make_writer(workdir: epath.Path):
@@ -150,73 +174,15 @@ def _make_writer(workdir: epath.Path):
 
 
 def data_path(config: ml_collections.ConfigDict, workdir: epath.Path) -> epath.Path:
-  """config.data.path, or the built-in demo set (built once by process 0) in the workdir."""
-  if config.data.builtin != "digits":
+  """config.data.path, or the built-in data set config.data.builtin, built once by process 0
+  into <workdir>/<name>_tokens."""
+  if not config.data.builtin:
     return epath.Path(config.data.path)
-  from jax.experimental import multihost_utils
-  from npp_jax import digits
-  path = workdir / "digits_tokens"
+  path = workdir / f"{config.data.builtin}_tokens"
   if jax.process_index() == 0:
-    digits.build_digits_shards(path)
-  multihost_utils.sync_global_devices("digits_tokens_built")
+    builtin_data.lookup(config.data.builtin).build(path)
+  multihost_utils.sync_global_devices("builtin_data_built")
   return path
-
-
-def evaluate(config, path, graphdef, params, mesh) -> float | None:
-  """Mean next-token CE (nats/token) over `config.eval_batches` batches of the eval split."""
-  if not config.data.eval_split:
-    return None
-  ds = data.make_eval_dataset(path, split=config.data.eval_split,
-                              global_batch_size=config.global_batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  shardings = sharding.batch_sharding(mesh)
-  with sharding.use_mesh(mesh):
-    step = jax.jit(functools.partial(eval_step, graphdef=graphdef))
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(ds):
-      if 0 <= config.eval_batches <= i:
-        break
-      out = host(step(params, data.global_batch(batch, shardings)))
-      total, count = total + float(out["ce_sum"]), count + float(out["count"])
-  return total / max(count, 1.0)
-
-
-@functools.lru_cache(maxsize=2)
-def _grid_decoder(model_cfg, mesh, vq_checkpoint: str, builtin: str):
-  """The decoder of the training grids, built once per run: building a VQ decoder reads its
-  weights and compiles its decode function."""
-  from npp_jax import sample
-  return sample.make_decoder("auto", model_cfg, mesh, vq_checkpoint=vq_checkpoint, builtin=builtin)
-
-
-def sample_images(config, graphdef, params, mesh, step: int, per_class: int = 1):
-  """A labelled grid of `per_class` CFG samples of each of config.sample.grid_classes, plus the
-  decoded images and their labels (decoded with the VQ of config.sample.vq_checkpoint, or the
-  digits palette)."""
-  from npp_jax import sample
-  model = nnx.merge(graphdef, params)
-  decoder = _grid_decoder(model.cfg, mesh, config.sample.vq_checkpoint, config.data.builtin)
-  labels = np.repeat(np.asarray(config.sample.grid_classes, np.int32), per_class)
-  pad = -len(labels) % sample.batch_shards(mesh)
-  sampler = sample.make_sampler(model, mesh, **sample.options_from_config(config))
-  rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-  codes = sample.to_host(sampler(np.concatenate([labels, labels[:pad]]), rng))[: len(labels)]
-  images = decoder(codes)
-  grid = sample.class_grid(images, labels, ncols=per_class if per_class > 1 else len(labels))
-  return grid, images, labels
-
-
-def _digits_report(config, graphdef, params, mesh, step: int, workdir: epath.Path) -> dict:
-  """The CPU demo's sample check: a PNG grid and how often a digit classifier agrees."""
-  from PIL import Image
-  from npp_jax import digits
-  grid, images, labels = sample_images(config, graphdef, params, mesh, step, per_class=10)
-  accuracy = float(np.mean(digits.fit_digits_classifier()(images) == labels))
-  if jax.process_index() == 0:
-    with (workdir / "samples.png").open("wb") as f:
-      Image.fromarray(grid).save(f, format="PNG")
-  return {"sample_accuracy": accuracy, "samples_png": str(workdir / "samples.png"), "grid": grid}
 
 
 def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_iter) -> tuple[State, str]:
@@ -227,7 +193,7 @@ def _restore_or_init(config, ckpt: ckpt_lib.Checkpointer, state: State, data_ite
     state = ckpt.restore(latest, state, data_iter if same_procs else None)
     return state, f"resumed from {ckpt.directory / str(latest)}"
   if config.ckpt.init_from:
-    params = ckpt_lib.load_params(config.ckpt.init_from, state["params"])
+    params = load.load_params(config.ckpt.init_from, state["params"])
     state = dict(state, params=params)
     if "ema" in state:
       state["ema"] = jax.tree.map(jnp.copy, params)
@@ -263,8 +229,60 @@ def _check_resumed_config(config, workdir, step: int, allow: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
+# Throughput.
 # ---------------------------------------------------------------------------------------------
+class _Meter:
+  """Throughput of the steps since the last log: images/s (also per chip: a JAX device is one
+  chip on TPU v4 and later), tokens/s, MFU (analytic model FLOPs, npp_jax/flops.py, over the chips'
+  bf16 peak; only where npp_jax/chips.py knows the chip, never on CPU), and the fraction of the
+  time the host spent waiting for the next batch (the device may still be running the previous
+  step meanwhile, so it bounds the input-bound time from above). Time in hooks and compiling is
+  not step time and is left out."""
+
+  def __init__(self, config: ml_collections.ConfigDict, patch_sizes):
+    model_cfg = config_lib.model_config(config)
+    self.batch = config.global_batch_size
+    self.tokens_per_image = model_cfg.num_tokens
+    self.flops_per_image = {p: flops.train_flops_per_image(model_cfg, p) for p in patch_sizes}
+    self.devices = jax.device_count()
+    self.peak = chips.peak_flops(jax.devices()[0].device_kind)
+    self.reset()
+
+  def reset(self) -> None:
+    self.t0, self.images, self.flops = time.perf_counter(), 0, 0.0
+    self.wait, self.excluded = 0.0, 0.0  # seconds waiting for data; in hooks and compiling.
+
+  def step(self, patch_size: int) -> None:
+    self.images += self.batch
+    self.flops += self.batch * self.flops_per_image[patch_size]
+
+  def scalars(self) -> dict:
+    dt = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+    out = {"images_per_s": self.images / dt,
+           "images_per_s_per_chip": self.images / dt / self.devices,
+           "tokens_per_s": self.images * self.tokens_per_image / dt,
+           "host_data_wait_fraction": min(self.wait / dt, 1.0)}
+    if self.peak:
+      out["mfu"] = self.flops / dt / (self.devices * self.peak)
+    self.reset()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up, loop, finish.
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Loop:
+  """What the loop moves along besides the hooks' `Run`."""
+  state: State
+  data_iter: Any
+  ckpt: ckpt_lib.Checkpointer
+  step_fns: StepFns
+  schedule: patching.Schedule
+  cost: float
+  last: dict = dataclasses.field(default_factory=dict)  # the latest fetched metrics.
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        max_steps: int | None = None, allow_config_change: bool = False) -> dict:
   """Trains `config` in `workdir` (local or gs://), resuming whatever is there.
@@ -278,10 +296,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       always change); the earlier config is kept as config.before_step_<step>.json.
 
   Returns:
-    A summary: final step, last train loss, eval loss, the schedule's cost ratio, compile count.
+    A summary: final step, last train loss, the schedule's cost ratio, compiled patch sizes,
+    seconds to this run's first step, and the hooks' entries (eval loss; "report" lines).
+    Per-step metrics go to the metric writer (TensorBoard events and the log), not here.
   """
-  workdir = ckpt_lib.as_path(workdir)
+  t_begin = time.perf_counter()
+  run, loop = _set_up(config, ckpt_lib.as_path(workdir), max_steps, allow_config_change)
+  hooks = []
+  try:
+    hooks = hooks_lib.from_config(run)
+    preempted, first_step_s = _train(run, loop, hooks, t_begin)
+    summary = {"step": int(host(loop.state["step"])), "train_loss": loop.last.get("loss"),
+               "training_cost": loop.cost, "compiled_patch_sizes": sorted(loop.step_fns.compiled),
+               "seconds_to_first_step": first_step_s, "workdir": str(run.workdir)}
+    if preempted:
+      # Exit within the preemption grace period: the final eval and samples wait for the resumed
+      # run that finishes training.
+      summary["preempted"] = True
+    else:
+      summary["report"] = []
+      for h in hooks:
+        entries = dict(h.finish(summary["step"], loop.state, summary))
+        summary["report"] += entries.pop("report", [])
+        summary.update(entries)
+  finally:
+    for h in hooks:
+      h.close()
+    loop.ckpt.close()
+    run.writer.close()
+  logging.info("%s: %s", "Preempted" if summary.get("preempted") else "Done",
+               json.dumps({k: v for k, v in summary.items() if k != "report"}))
+  return summary
+
+
+def _set_up(config, workdir: epath.Path, max_steps, allow_config_change
+            ) -> tuple[hooks_lib.Run, _Loop]:
+  """Validates the config, points the compile cache, opens the data, builds or restores the
+  state, and writes config.json once the resume checks passed."""
   config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+  cache = use_compile_cache(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -292,17 +345,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f"config.data.path={path} holds vocab {meta.vocab_size} and "
                      f"{meta.num_classes} classes, more than config.model.vocab_size="
                      f"{config.model.vocab_size} / config.model.num_classes={config.model.num_classes}.")
+  if config.data.builtin and meta.vocab_size != config.model.vocab_size:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} must equal the vocabulary "
+                     f"({meta.vocab_size}) of config.data.builtin={config.data.builtin!r}: its "
+                     f"palette draws only those tokens.")
   if meta.grid_size != config.model.grid_size:
     raise ValueError(f"config.data.path={path} holds {meta.grid_size}x{meta.grid_size} "
                      f"token grids but config.model.grid_size={config.model.grid_size}.")
   spe = config_lib.steps_per_epoch(config, len(source))
   schedule = config_lib.schedule(config, len(source))
   tx = optim.make_optimizer(config, schedule, spe)
-  lr_fn = optim.learning_rate(config, schedule, spe)
   cost = patching.training_cost(schedule)
-
-  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
+  logging.info("Mesh %s over %d devices in %d processes; compilation cache: %s.",
+               dict(mesh.shape), jax.device_count(), jax.process_count(), cache or "JAX's default")
   logging.info("Schedule: %s; training cost relative to next-token prediction: %.4f.",
                [(s.patch_size, s.start, s.end) for s in schedule.segments], cost)
 
@@ -330,16 +385,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if start == 0:
     parameter_overview.log_parameter_overview(  # shapes and shardings; no host fetch of values.
         nnx.to_pure_dict(state["params"]), include_stats="sharding", jax_logging_process=0)
-    writer.write_hparams({k: v for k, v in _flatten(config.to_dict()).items()})
-  total = schedule.total_steps
-  end = total if max_steps is None else min(total, start + max_steps)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=config.log_every_steps)]
-  step_fns = StepFns(graphdef, tx, lr_fn, config, mesh, state)
-  boundaries = set(schedule.boundaries)
-  tokens_per_image = config.model.grid_size ** 2
+    writer.write_hparams(_flatten(config.to_dict()))
+  end = schedule.total_steps if max_steps is None else min(schedule.total_steps, start + max_steps)
+  step_fns = StepFns(graphdef, tx, optim.learning_rate(config, schedule, spe), config, mesh, state)
+  run = hooks_lib.Run(config=config, workdir=workdir, mesh=mesh, graphdef=graphdef, writer=writer,
+                      data_path=path, start=start, end=end)
+  return run, _Loop(state=state, data_iter=data_iter, ckpt=ckpt, step_fns=step_fns,
+                    schedule=schedule, cost=cost)
 
-  history: dict[int, float] = {}  # step -> loss of every step whose metrics were fetched.
+
+def _train(run: hooks_lib.Run, loop: _Loop, hooks: list[hooks_lib.Hook], t_begin: float
+           ) -> tuple[bool, float | None]:
+  """Steps run.start .. run.end; returns (preempted, seconds from start-up to the first step)."""
+  config, ckpt, step_fns = run.config, loop.ckpt, loop.step_fns
+  total = loop.schedule.total_steps
+  progress = periodic_actions.ReportProgress(num_train_steps=total, writer=run.writer,
+                                             every_steps=config.log_every_steps)
+  meter = _Meter(config, {s.patch_size for s in loop.schedule.segments})
+  boundaries = set(loop.schedule.boundaries)
+  pending, first_step_s = None, None
 
   def check(step, metrics):
     m = {k: float(v) for k, v in host(metrics).items()}
@@ -350,78 +414,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       raise NonFiniteLossError(
           f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step} "
           f"(loss {m['loss']}); stopping. The last good checkpoint ({ckpt.latest_step()}) is kept.")
-    history[step] = m["loss"]
-    return m
+    loop.last = m
 
-  pending, last, t_log, s_log = None, {}, time.time(), start
-  preempted_at = None
-  try:
-    for step in range(start, end):
-      batch = data.global_batch(next(data_iter), step_fns.batch_shardings)
-      patch_size = schedule.patch_size_at(step)
-      state, metrics = step_fns(patch_size, state, batch)
-      if pending is not None:  # metrics of the previous step: no host sync on this one.
-        last = check(*pending)
-      pending = (step, metrics)
-      done = step + 1
-      for h in hooks:
-        h(done)
-      if done % config.log_every_steps == 0 or done == end:
-        last = check(*pending)
-        dt = time.time() - t_log
-        images = (done - s_log) * config.global_batch_size
-        writer.write_scalars(done, dict(last, patch_size=patch_size, images_per_s=images / dt,
-                                        tokens_per_s=images * tokens_per_image / dt))
-        t_log, s_log = time.time(), done
-      save = done % config.ckpt.every_steps == 0 or done in boundaries or done == total
-      preempted = ckpt.reached_preemption(done)
-      if save or preempted or done == end:
-        last = check(*pending)
-        ckpt.save(done, state, data_iter)
-      if preempted:
-        logging.warning("Preemption notice at step %d: saved, exiting.", done)
-        ckpt.wait()
-        preempted_at = done
-        break
-      if config.sample_every_steps and done % config.sample_every_steps == 0 and done < end:
-        writer.write_images(done, {"samples": sample_images(
-            config, graphdef, state["params"], mesh, done)[0][None]})
-      if config.data.eval_split and config.eval_every_steps and done % config.eval_every_steps == 0:
-        writer.write_scalars(done, {"eval_loss": evaluate(config, path, graphdef, state["params"], mesh)})
-    if preempted_at is None:
-      eval_loss = evaluate(config, path, graphdef, state["params"], mesh)
-      final = int(host(state["step"]))
-      if eval_loss is not None:
-        writer.write_scalars(final, {"eval_loss": eval_loss})
-  finally:
-    ckpt.close()
-    writer.flush()
-  if preempted_at is not None:
-    # Exit within the preemption grace period: the final eval and samples wait for the resumed
-    # run that finishes training.
-    summary = {"step": preempted_at, "train_loss": last.get("loss"), "preempted": True,
-               "training_cost": cost, "workdir": str(workdir)}
-    logging.info("Preempted: %s", json.dumps(summary))
-    summary["losses"] = dict(sorted(history.items()))
-    return summary
-  baseline, report = None, {}
-  if config.data.builtin == "digits":
-    from npp_jax import digits
-    if config.data.eval_split:
-      baseline = digits.unigram_entropy(path, config.data.eval_split)
-    report = _digits_report(config, graphdef, state["params"], mesh, final, workdir)
-    writer.write_images(final, {"samples": report.pop("grid")[None]})
-  elif config.sample_every_steps:
-    writer.write_images(final, {"samples": sample_images(
-        config, graphdef, state["params"], mesh, final)[0][None]})
-  writer.flush()
-  summary = {"step": final, "train_loss": last.get("loss"), "eval_loss": eval_loss,
-             "unigram_loss": baseline, **report,
-             "training_cost": cost, "compiled_patch_sizes": sorted(step_fns.compiled),
-             "workdir": str(workdir)}
-  logging.info("Done: %s", json.dumps(summary))
-  summary["losses"] = dict(sorted(history.items()))
-  return summary
+  for step in range(run.start, run.end):
+    t0 = time.perf_counter()
+    batch = data.global_batch(next(loop.data_iter), step_fns.batch_shardings)
+    meter.wait += time.perf_counter() - t0
+    patch_size = loop.schedule.patch_size_at(step)
+    compiling = step_fns.compile_seconds
+    loop.state, metrics = step_fns(patch_size, loop.state, batch)
+    meter.excluded += step_fns.compile_seconds - compiling
+    meter.step(patch_size)
+    if first_step_s is None:
+      jax.block_until_ready(metrics)
+      first_step_s = time.perf_counter() - t_begin
+      logging.info("First step of this run (step %d) done %.1fs after start-up began (%.1fs of "
+                   "it compiling).", step, first_step_s, step_fns.compile_seconds)
+    if pending is not None:  # metrics of the previous step: no host sync on this one.
+      check(*pending)
+    pending = (step, metrics)
+    done = step + 1
+    progress(done)
+    if done % config.log_every_steps == 0 or done == run.end:
+      check(*pending)
+      run.writer.write_scalars(done, dict(loop.last, patch_size=patch_size, **meter.scalars()))
+    save = done % config.ckpt.every_steps == 0 or done in boundaries or done == total
+    preempted = ckpt.reached_preemption(done)
+    if save or preempted or done == run.end:
+      check(*pending)
+      ckpt.save(done, loop.state, loop.data_iter)
+    if preempted:
+      logging.warning("Preemption notice at step %d: saved, exiting.", done)
+      ckpt.wait()
+      return True, first_step_s
+    t0 = time.perf_counter()
+    for h in hooks:
+      h.after_step(done, loop.state)
+    meter.excluded += time.perf_counter() - t0
+  return False, first_step_s
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -15,6 +15,7 @@ from flax import traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from npp_jax.state_dict import normalize_state_dict
 from npp_jax.vq import HIGHEST, VQConfig, VQModel
 
 # Buffers of the reference that carry no model state for inference.
@@ -57,12 +58,11 @@ def expected_state_dict_shapes(config: VQConfig) -> dict[str, tuple[int, ...]]:
 
 
 def canonical_state_dict(ckpt: Mapping[str, Any]) -> dict[str, Any]:
-  """Unwraps checkpoint layouts, strips `module.`/`_orig_mod.` prefixes (convert's rules), and
-  drops training buffers."""
+  """Unwraps checkpoint layouts, strips `module.`/`_orig_mod.` prefixes (`state_dict`'s rules),
+  and drops training buffers."""
   if not isinstance(ckpt, Mapping):
     raise ValueError(f"expected a state dict mapping, got {type(ckpt).__name__}")
-  from npp_jax import convert  # At call time: convert imports this module.
-  sd = convert.normalize_state_dict(ckpt)
+  sd = normalize_state_dict(ckpt)
   return {k: v for k, v in sd.items() if k not in _DROPPED_KEYS}
 
 

@@ -6,11 +6,12 @@ Google` header, 404 otherwise) for the keys JAX's GCE TPU cluster detection read
 `agent-worker-number`, `worker-network-endpoints` and `tpu-env`. A process finds it through
 `GCE_METADATA_IP=127.0.0.1:PORT`, as JAX's `cloud_tpu_cluster.get_metadata` documents.
 
-Run as a script (`python tests/gce_metadata.py -m MODULE ARGS...` or `-c CODE`), it is the start-up of a
-process on such a worker: it marks this host as a Cloud TPU VM for JAX's cluster detection
-(`running_in_cloud_tpu_vm`, and no `TPU_SKIP_MDS_QUERY`: what `jax._src.cloud_tpu_init` leaves
-when it finds TPU chips on the PCI bus; here it finds none and the backend stays CPU), then runs
-MODULE or CODE as `python -m` / `python -c` would, with the working directory first on sys.path.
+Run as a script (`python tests/gce_metadata.py -m MODULE ARGS...` or `-c CODE`), it is the
+start-up of a process on such a worker: it marks this host as a Cloud TPU VM for JAX's cluster
+detection (`running_in_cloud_tpu_vm`, and no `TPU_SKIP_MDS_QUERY`: what `jax._src.cloud_tpu_init`
+leaves when it finds TPU chips on the PCI bus; here it finds none and the backend stays CPU), then
+runs MODULE or CODE as `python -m` / `python -c` would, with the working directory first on
+sys.path.
 """
 import http.server
 import os

@@ -120,6 +120,8 @@ CONFIG_CASES = {
     "sampling_without_decoder": ({"sample_every_steps": 2},
                                  r"config\.sample_every_steps=2 needs config\.sample\.vq_checkpoint"),
     "negative_seed": ({"seed": -1}, r"config\.seed=-1 must be an int >= 0"),
+    "zero_eval_batches": ({"eval_batches": 0}, r"config\.eval_batches=0"),
+    "negative_profile_steps": ({"profile_steps": -2}, r"config\.profile_steps=-2"),
     "unknown_builtin_data": ({"data.builtin": "mnist"}, r"config\.data\.builtin='mnist' must be"),
     "empty_data_path": ({"data.path": ""}, r"config\.data\.path is empty"),
     "negative_workers": ({"data.num_workers": -1}, r"config\.data\.num_workers=-1 must be >= 0"),
@@ -200,6 +202,14 @@ def test_missing_train_split(shards, workdir):
 def test_data_vocab_larger_than_model(shards, workdir):
   expect_error(config(shards, **{"model.vocab_size": 32}), workdir, ValueError,
                r"holds vocab 64 .*config\.model\.vocab_size=32")
+
+
+def test_builtin_data_vocab_differs_from_model(shards, tmp_path):
+  """The built-in digits (vocab 16) with the smoke model's vocab 64: its palette could not draw
+  the samples, so set-up refuses before compiling."""
+  expect_error(config(shards, **{"data.builtin": "digits"}), tmp_path / "w", ValueError,
+               r"config\.model\.vocab_size=64 must equal the vocabulary \(16\) of "
+               r"config\.data\.builtin='digits'")
 
 
 def test_data_grid_differs_from_model(shards, workdir):

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 from hypothesis import given, settings, strategies as st
 import jax
@@ -133,7 +134,8 @@ def test_preemption_handler_needs_the_sync_service_with_several_processes(monkey
     ckpt_lib.install_preemption_handler()
   monkeypatch.setattr(jax_distributed.global_state, "preemption_sync_manager", object())
   ckpt_lib.install_preemption_handler()  # the manager owns SIGTERM: nothing to install here.
-  assert signal.getsignal(signal.SIGTERM) != ckpt_lib._SIGTERM._handler  # pylint: disable=protected-access
+  handler = ckpt_lib._SIGTERM._handler  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) != handler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +181,43 @@ def test_two_tpu_workers_join_without_flags():
     assert f"PROBE index={i} count=2 devices=4 seen=[0, 1]" in out, out[-3000:]
 
 
+
+
+_SLEEPER = """
+import sys, time
+from npp_jax import distributed
+distributed.initialize(sigterm_stops=sys.argv[1] == "stops", heartbeat_timeout_seconds=5)
+print("JOINED", flush=True)
+time.sleep(30)
+print("SLEPT", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_cli_that_does_not_poll_for_preemption():
+  """JAX's preemption sync manager takes SIGTERM and only records it; the sampler and the
+  tokeniser (sigterm_stops=True) get its default action back, so a preemption or stop.sh ends them
+  at once instead of after stop.sh's grace period. The trainer's side: the test below."""
+  port = portpicker.pick_unused_port()
+  endpoints = ["127.0.0.1", "127.0.0.1"]
+  with MetadataServer(0, endpoints) as w0, MetadataServer(1, endpoints) as w1:
+    procs = [subprocess.Popen([sys.executable, SHIM, "-c", _SLEEPER, mode], cwd=ROOT,
+                              env=tpu_worker_env(server, port, 1), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+             for server, mode in ((w0, "records"), (w1, "stops"))]
+    try:
+      for p in procs:
+        assert p.stdout.readline() == "JOINED\n"
+      procs[0].send_signal(signal.SIGTERM)  # recorded for the preemption sync, not fatal
+      time.sleep(1)
+      assert procs[0].poll() is None
+      procs[1].send_signal(signal.SIGTERM)
+      assert procs[1].wait(timeout=10) == -signal.SIGTERM
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+        p.communicate()
 
 class _Slice:
   """The two workers of a stub TPU slice (a metadata server each, one coordinator port)."""
@@ -250,9 +289,12 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step(shards, tmp_path):
   assert json.loads((workdir / "finished.json").read_text())["step"] == 12
   logged = {**logged_losses(texts[0]), **logged_losses(second[0])}
   assert sorted(logged) == list(range(12))
-  for step, loss in logged.items():  # 2 x 4 devices vs 1 x 8: the same batches and math.
+  # 2 x 4 devices vs 1 x 8: the same batches and math, reduced in another order (measured: the
+  # final arrays differ by <= 5e-7; every logged loss agrees to its 6 printed digits).
+  for step, loss in logged.items():
     assert loss == pytest.approx(ref["losses"][step], rel=1e-4), step
-  final, expected = read_state(checkpoints / "12"), read_state(tmp_path / "ref" / "checkpoints" / "12")
+  final = read_state(checkpoints / "12")
+  expected = read_state(tmp_path / "ref" / "checkpoints" / "12")
   assert sorted(final) == sorted(expected)
   for k in final:
     np.testing.assert_allclose(final[k], expected[k], rtol=1e-4, atol=1e-6, err_msg=k)

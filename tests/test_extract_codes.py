@@ -16,7 +16,8 @@ from PIL import Image
 import pytest
 
 from configs import extract_imagenet
-from npp_jax import data, extract_codes, extract_plan, image_sources, preprocess, vq, vq_weights
+from npp_jax import data, extract_codes, extract_plan, image_sources, load, preprocess, vq
+from npp_jax import vq_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VQ = vq.VQConfig(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, z_channels=32, codebook_size=64,
@@ -46,7 +47,7 @@ def vq_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(vq_path):
-  return extract_codes.load_vq_model(vq_path)
+  return load.load_vq(vq_path)
 
 
 @pytest.fixture(scope="module")
@@ -290,16 +291,15 @@ class _ListSource:
     return Image.new("RGB", (40, 40), (index * 40, 0, 0)), self.labels[index], f"item {index}"
 
 
-def test_load_vq_model_from_converted_dir_and_npz(vq_path, model, tmp_path):
+def test_load_vq_from_converted_dir_and_npz(vq_path, model, tmp_path):
   from npp_jax import convert
   convert.convert_checkpoint("vq", vq_path, tmp_path / "converted")
-  for m in (extract_codes.load_vq_model(str(tmp_path / "converted")),
-            extract_codes.load_vq_model(vq_path)):
+  for m in (load.load_vq(str(tmp_path / "converted")), load.load_vq(vq_path)):
     assert m.config == TINY_VQ
     for a, b in zip(jax.tree.leaves(nnx.state(m)), jax.tree.leaves(nnx.state(model))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  with pytest.raises(ValueError, match="vq_checkpoint is empty"):
-    extract_codes.load_vq_model("")
+  with pytest.raises(ValueError, match="VQ checkpoint"):
+    load.load_vq("")
 
 
 def test_missing_and_empty_folders(tmp_path):

@@ -286,39 +286,6 @@ def test_training_cost_reproduces_the_paper():
   assert patching.training_cost(explicit) == pytest.approx(0.5 / 16 + 0.5)
 
 
-def _lr_reference(step, segments, warmup, decay_fraction, end_factor):
-  """The documented multiplier, written independently: warmup, constant, decay, per segment."""
-  seg = next((s for s in segments if step < s.end), segments[-1])
-  length, t = seg.end - seg.start, step - seg.start
-  warm = min(warmup, length)
-  decay = int(length * decay_fraction)
-  if t < warm:
-    return t / warm
-  decay_start = max(length - decay, warm)
-  if t < decay_start:
-    return 1.0
-  return 1.0 + (end_factor - 1.0) * min((t - decay_start) / max(decay, 1), 1.0)
-
-
-def test_lr_multiplier_is_a_pure_per_segment_function_of_step():
-  s = patching.make_schedule(total_steps=1000, steps_per_epoch=SPE, epochs=100, grid_size=G,
-                             num_levels=2, segment_factor=0.5)
-  assert s.boundaries == (500,)
-  fn = patching.lr_multiplier(s, warmup_steps=50, decay_fraction=0.2, end_factor=0.1)
-  steps = np.arange(0, 1051)
-  values = np.asarray(_jit(jax.vmap(fn))(jnp.asarray(steps)))
-  ref = np.array([_lr_reference(int(t), s.segments, 50, 0.2, 0.1) for t in steps])
-  np.testing.assert_allclose(values, ref, rtol=0, atol=1e-6)
-  # Spot values: warmup from 0, constant 1, decay towards 0.1, restart at the boundary.
-  for step, want in ((0, 0.0), (25, 0.5), (50, 1.0), (399, 1.0), (400, 1.0), (450, 0.55),
-                     (500, 0.0), (525, 0.5), (550, 1.0), (900, 1.0), (950, 0.55), (1000, 0.1)):
-    assert float(fn(step)) == pytest.approx(want, abs=1e-6), step
-  assert float(fn(499)) == pytest.approx(0.1 + 0.9 / 100, abs=1e-6)  # last step of segment 0
-  # Pure: any call order, eager or jitted, gives the same value.
-  for step in np.random.default_rng(0).permutation(steps)[:20]:
-    assert float(fn(int(step))) == pytest.approx(values[step], abs=1e-7)
-
-
 @pytest.mark.parametrize("kwargs, key", [
     (dict(patch_sizes=(3, 1)), "patch size of level 0"),
     (dict(num_levels=6), "patch size of level 0"),  # p = 32 on a 16 x 16 grid

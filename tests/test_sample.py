@@ -1,5 +1,5 @@
 """Tests for npp_jax.sample / sample_cli: KV-cache decoding, CFG, sampling math, reference parity,
-sharding invariance, weight loading, grids and the resumable ADM `.npz` CLI.
+sharding invariance, grids and the resumable ADM `.npz` CLI (loading: test_load.py).
 
 The reference parity uses `tests/fixtures/llamagen_gpt_tiny.npz` (fixture README section 1,
 "Greedy generation with CFG"). The other tests use a tiny GQA model on an 8x8 token grid.
@@ -9,7 +9,6 @@ import functools
 import os
 import pathlib
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -291,56 +290,13 @@ def test_temperature():
   assert (np.asarray(hot) != np.asarray(greedy)).any()
 
 
-# ----------------------------------------------------------------------------- weights
+# ----------------------------------------------------------------------------- configs
 
 def _smoke_config(**model):
   c = smoke.get_config()
   for k, v in model.items():
     c.model[k] = v
   return c
-
-
-def _same_params(a, b):
-  for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_load_params_checkpoint_with_model_config(tmp_path):
-  config = _smoke_config()
-  model = _randomised(config_lib.model_config(config, **sample.NO_DROPOUT))
-  ckpt_lib.save_params(tmp_path, nnx.state(model), model_config=dataclasses.asdict(model.cfg))
-  _same_params(sample_cli.load_model(config, str(tmp_path)), model)
-  # The stored architecture wins over a config that disagrees.
-  loaded = sample_cli.load_model(_smoke_config(n_layer=3), str(tmp_path))
-  assert loaded.cfg.n_layer == 2 and loaded.cfg.resid_dropout == 0.0
-
-
-def test_load_training_workdir_params_or_ema(tmp_path):
-  config = _smoke_config()
-  model = _randomised(config_lib.model_config(config))
-  ema = _randomised(config_lib.model_config(config), seed=7)
-  params = nnx.split(model)[1]
-  state = {"step": jnp.int32(3), "params": params, "opt_state": {"mu": jnp.ones((5, 7))},
-           "ema": nnx.split(ema)[1]}
-  for workdir, s in ((tmp_path / "a", state), (tmp_path / "b", dict(state, ema=None))):
-    ck = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
-    ck.save(3, {k: v for k, v in s.items() if v is not None},
-            iter(grain.MapDataset.range(4).to_iter_dataset()))
-    ck.close()
-  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-  loaded = sample_cli.load_model(config, str(tmp_path / "a"), mesh=mesh)
-  _same_params(loaded, model)
-  assert loaded.layers.feed_forward.w1[...].sharding.spec[1] == "fsdp"
-  _same_params(sample_cli.load_model(config, str(tmp_path / "a"), use_ema=True), ema)
-  with pytest.raises(ValueError, match="has no `ema`"):
-    sample_cli.load_model(config, str(tmp_path / "b"), use_ema=True)
-  with pytest.raises(ckpt_lib.CheckpointMismatchError, match="layers"):
-    sample_cli.load_model(_smoke_config(n_layer=3), str(tmp_path / "a"))
-
-
-def test_missing_checkpoint_raises(tmp_path):
-  with pytest.raises(FileNotFoundError, match="neither a params checkpoint"):
-    sample_cli.load_model(_smoke_config(), str(tmp_path / "nothing"))
 
 
 # ----------------------------------------------------------------------------- images and CLI
@@ -359,10 +315,12 @@ def test_class_grid_writes_labels():
 
 def test_decoder_choice(tiny):
   digits_cfg = dataclasses.replace(TINY, vocab_size=16, grid_size=16)
-  dec = sample.make_decoder("auto", digits_cfg)
-  assert dec.name == "digits" and dec(np.full((2, 256), 15)).shape == (2, 16, 16, 3)
+  dec = sample.make_decoder("auto", digits_cfg, builtin="digits")  # the data set's palette.
+  assert dec.name == "builtin" and dec(np.full((2, 256), 15)).shape == (2, 16, 16, 3)
   with pytest.raises(ValueError, match="vq_checkpoint is empty"):
-    sample.make_decoder("auto", TINY)
+    sample.make_decoder("auto", digits_cfg)  # no built-in data set: a VQ, whatever the vocab.
+  with pytest.raises(ValueError, match=r"config\.data\.builtin='model'"):
+    sample.make_decoder("builtin", TINY, builtin="model")  # a module, but no data set.
   with pytest.raises(FileNotFoundError, match="no VQ checkpoint"):
     sample.make_decoder("vq", TINY, vq_checkpoint="/nonexistent/vq.npz")
   tokens = sample.make_decoder("tokens", TINY)
@@ -454,10 +412,6 @@ def test_cli_damaged_files_are_named(cli_setup):
     sample_cli.run(config, ckpt, out, **kw)
   with pytest.raises(ValueError, match="grid_per_class=0"):
     sample_cli.run(config, ckpt, root / "nogrid", grid=True, grid_per_class=0, **kw)
-  vq_dir = root / "vq_as_gpt"  # a tokenizer's model_config.json where a GPT's is expected
-  ckpt_lib.save_params(vq_dir, {"w": np.zeros(2)}, model_config={"codebook_size": 64, "z_channels": 4})
-  with pytest.raises(ValueError, match="fields no GPT model has.*config.sample.vq_checkpoint"):
-    sample_cli.load_model(config, str(vq_dir))
 
 
 def test_vq_decoder_must_match_the_vocabulary(cli_setup):

@@ -86,15 +86,6 @@ def test_mesh_shape_rejects_bad_shapes_by_name(config, key):
     sharding.mesh_shape(config, 8)
 
 
-def test_validate_batch(mesh):
-  sharding.validate_batch(8, mesh, 1)
-  sharding.validate_batch(12, mesh, 2)
-  with pytest.raises(ValueError, match="global_batch_size=6"):
-    sharding.validate_batch(6, mesh, 1)  # 4 batch shards
-  with pytest.raises(ValueError, match="global_batch_size=8.*process count"):
-    sharding.validate_batch(8, mesh, 3)
-
-
 def test_logical_rules_map_to_mesh_axes():
   assert sharding.logical_to_spec(("layers", "embed", "heads", "head_dim")) == \
       jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)

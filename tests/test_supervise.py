@@ -117,7 +117,8 @@ def test_a_run_that_keeps_stopping_is_given_up(cloud):
 ])
 def test_dry_run_prints_one_recovery_round(run_args, done, env):
   commands = _dry_run("supervise.sh", "my-tpu", "--zone", ZONE, "--accelerator", "v5litepod-64",
-                      "--spot", "--queued", "--wheelhouse", "gs://my-bucket/wheels", "--", *run_args,
+                      "--spot", "--queued", "--wheelhouse", "gs://my-bucket/wheels", "--",
+                      *run_args,
                       env=env)
   assert commands[0] == ["gcloud", "storage", "ls", done]
   assert commands[1] == ["gcloud", "compute", "tpus", "queued-resources", "describe", "my-tpu",

@@ -10,15 +10,27 @@ import pytest
 
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import data, train
-from train_helpers import (ROOT, VOCAB, logged_losses, main_command, main_env, run_main,
-                           smoke_config)
+from train_helpers import (ROOT, VOCAB, event_scalars, logged_losses, main_command, main_env,
+                           run_losses, run_main, smoke_config)
 
 
 @pytest.fixture(scope="module")
 def full_run(shards, tmp_path_factory):
-  """The uninterrupted 12-step run (patch 2 for steps 0-5, patch 1 for 6-11) on 8 devices."""
+  """The uninterrupted 12-step run (patch 2 for steps 0-5, patch 1 for 6-11) on 8 devices,
+  evaluating every 4 steps; its summary gains the logged losses and the programs it compiled."""
   workdir = tmp_path_factory.mktemp("full")
-  return train.train_and_evaluate(smoke_config(shards), str(workdir)), workdir
+  compiled = []
+
+  def on_compile(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(kwargs.get("fun_name"))
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    summary = train.train_and_evaluate(smoke_config(shards, eval_every_steps=4), str(workdir))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  return dict(summary, losses=run_losses(workdir), compiled=compiled), workdir
 
 
 def test_end_to_end_across_segment_boundary(full_run):
@@ -39,15 +51,26 @@ def test_end_to_end_across_segment_boundary(full_run):
   assert list(workdir.glob("events.out.tfevents*")), "TensorBoard events are written"
 
 
+def test_eval_is_compiled_once_and_throughput_is_logged(full_run):
+  summary, workdir = full_run
+  assert sorted(event_scalars(workdir, "eval_loss")) == [4, 8, 12]
+  assert summary["compiled"].count("jit(eval_step)") == 1, summary["compiled"]
+  per_chip = event_scalars(workdir, "images_per_s_per_chip")
+  assert sorted(per_chip) == list(range(1, 13)) and all(v[0] > 0 for v in per_chip.values())
+  assert all(0 <= v[0] <= 1 for v in event_scalars(workdir, "host_data_wait_fraction").values())
+  assert not event_scalars(workdir, "mfu")  # no known peak on CPU: no made-up MFU.
+  assert 0 < summary["seconds_to_first_step"]
+
+
 def test_exact_resume(shards, full_run, tmp_path):
   """Stop after 5 steps (mid segment), resume, stop again after the boundary, finish: every loss
   equals the uninterrupted run's bit for bit (state, data order, dropout, LR and patch size)."""
   reference = full_run[0]["losses"]
   config = smoke_config(shards)
-  first = train.train_and_evaluate(config, str(tmp_path), max_steps=5)
-  second = train.train_and_evaluate(config, str(tmp_path), max_steps=3)
+  assert train.train_and_evaluate(config, str(tmp_path), max_steps=5)["step"] == 5
+  assert train.train_and_evaluate(config, str(tmp_path), max_steps=3)["step"] == 8
   third = train.train_and_evaluate(config, str(tmp_path))
-  resumed = {**first["losses"], **second["losses"], **third["losses"]}
+  resumed = run_losses(tmp_path)
   assert sorted(resumed) == list(range(12))
   assert resumed == reference
   assert third["eval_loss"] == full_run[0]["eval_loss"]
@@ -58,10 +81,10 @@ def test_relative_workdir_saves_and_resumes(shards, full_run, tmp_path, monkeypa
   workdir (and params checkpoint) must train, save, resume and load like an absolute one."""
   monkeypatch.chdir(tmp_path)
   config = smoke_config(shards)
-  first = train.train_and_evaluate(config, "rel", max_steps=4)
+  train.train_and_evaluate(config, "rel", max_steps=4)
   second = train.train_and_evaluate(config, "rel", max_steps=2)
   assert second["workdir"] == str(tmp_path / "rel")
-  assert {**first["losses"], **second["losses"]} == {
+  assert run_losses(tmp_path / "rel") == {
       k: v for k, v in full_run[0]["losses"].items() if k < 6}
   target = ckpt_lib.restore_params(tmp_path / "rel", train_params_like(config))
   ckpt_lib.save_params("params_rel", target)
@@ -85,8 +108,8 @@ def train_params_like(config):
 def test_restore_8_devices_onto_1(shards, full_run, tmp_path):
   """A checkpoint written on 8 devices resumes on 1 device and continues the same run."""
   workdir = tmp_path / "w"
-  first = train.train_and_evaluate(smoke_config(shards), str(workdir), max_steps=8)
-  assert max(first["losses"]) == 7
+  train.train_and_evaluate(smoke_config(shards), str(workdir), max_steps=8)
+  assert max(run_losses(workdir)) == 7
   proc = run_main(workdir, shards, devices=1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "resumed from" in proc.stderr and "Training finished at step 12" in proc.stdout
@@ -160,3 +183,41 @@ def test_dry_run_gpt_b(tmp_path):
   assert "Mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in proc.stderr
   loss = float(re.search(r"train loss ([0-9.]+)", proc.stdout).group(1))
   assert loss == pytest.approx(np.log(16384), abs=1e-3)
+
+
+@pytest.mark.slow
+def test_resumed_run_loads_its_steps_from_the_compilation_cache(shards, tmp_path):
+  """config.compile_cache (on by default, under the workdir): the first run fills it, a restart
+  loads its train step from it instead of compiling."""
+  workdir = tmp_path / "w"
+  overrides = {"compile_cache": "{workdir}/compile_cache", "data.eval_split": ""}
+  env = main_env(8, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache even fast compiles.
+  runs = [subprocess.run(
+      main_command(workdir, shards, overrides=overrides, extra=[f"--max_steps={n}"]), cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=600) for n in (2, 1)]
+  for proc in runs:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"compilation cache: {workdir / 'compile_cache'}" in runs[0].stderr
+  assert list((workdir / "compile_cache").iterdir())
+  hit = re.compile(r"Compiled the train step for patch size 2 in [0-9.]+s \(loaded from the "
+                   r"persistent compilation cache\)")
+  assert not hit.search(runs[0].stderr) and hit.search(runs[1].stderr), runs[1].stderr[-3000:]
+  assert "Step 2: resumed from" in runs[1].stderr
+
+
+@pytest.mark.slow
+def test_builtin_digits_report_through_main(tmp_path):
+  """configs/smoke.py on the built-in digits (its docstring's command, plus an eval split): the
+  data set is built into the workdir and its report hook prints the baseline and the classifier's
+  agreement and writes samples.png."""
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "npp_jax.main", f"--config={ROOT}/configs/smoke.py",
+       f"--workdir={workdir}", "--config.data.builtin=digits", "--config.model.vocab_size=16",
+       "--config.data.eval_split=validation", "--config.compile_cache=", "--max_steps=2"],
+      cwd=ROOT, env=main_env(8), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "nats/token vs" in proc.stdout and "for the unigram baseline" in proc.stdout
+  assert "a digit classifier agrees with the class on" in proc.stdout
+  assert (workdir / "samples.png").exists()
+  assert (workdir / "digits_tokens" / "metadata.json").exists()

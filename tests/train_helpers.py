@@ -43,6 +43,7 @@ def smoke_config(path, **overrides):
   c.data.eval_split = "validation"
   c.log_every_steps = 1
   c.optim.lr = 0.1  # 3e-3 at batch 8: the loss moves visibly within 12 steps.
+  c.compile_cache = ""  # the suite's shared cache (tests/conftest.py), not one per workdir.
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -66,7 +67,7 @@ def main_command(workdir, shards, *, extra=(), overrides=None, code=None):
   `code`: run this Python source (which must end by calling npp_jax.main's app) instead of `-m`.
   """
   overrides = {"data.eval_split": "validation", "log_every_steps": 1, "optim.lr": 0.1,
-               **(overrides or {})}
+               "compile_cache": "", **(overrides or {})}
   head = [sys.executable, "-c", code] if code else [sys.executable, "-m", "npp_jax.main"]
   return head + [f"--config={ROOT}/configs/smoke.py", f"--workdir={workdir}",
                  f"--config.data.path={shards}",
@@ -127,8 +128,9 @@ def as_logged(loss):
   return f"{loss:.6g}"
 
 
-def event_losses(workdir):
-  """{step: [float32 losses]} from every TensorBoard event file in `workdir` (exact values)."""
+def event_scalars(workdir, tag):
+  """{writer step: [float32 values of `tag`]} from every TensorBoard event file in `workdir`
+  (exact values; several when several runs logged a step)."""
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.util import tensor_util
   out = {}
@@ -136,11 +138,21 @@ def event_losses(workdir):
     try:
       for ev in event_file_loader.EventFileLoader(f).Load():
         for v in ev.summary.value:
-          if v.tag == "loss":
-            out.setdefault(ev.step - 1, []).append(np.float32(tensor_util.make_ndarray(v.tensor)))
+          if v.tag == tag:
+            out.setdefault(ev.step, []).append(np.float32(tensor_util.make_ndarray(v.tensor)))
     except Exception:  # pylint: disable=broad-except  # a killed writer leaves a torn record.
       continue
   return out
+
+
+def event_losses(workdir):
+  """{step: [float32 losses]} from the TensorBoard events (step s's loss is logged at s + 1)."""
+  return {s - 1: v for s, v in event_scalars(workdir, "loss").items()}
+
+
+def run_losses(workdir):
+  """{step: loss} (Python floats, the last logged value of each step) of the runs in `workdir`."""
+  return {s: float(v[-1]) for s, v in sorted(event_losses(workdir).items())}
 
 
 def committed_steps(checkpoint_dir):

@@ -150,14 +150,17 @@ def read_scalar(workdir: epath.PathLike, tag: str) -> list[tuple[int, float, flo
 def sample_agreement(config: ml_collections.ConfigDict, workdir: epath.Path,
                      per_class: int) -> tuple[float, np.ndarray]:
   """Agreement of the digit classifier with the class of `per_class` CFG samples of each digit
-  (the run's final params, config.sample settings), and their grid."""
-  from flax import nnx
-  from npp_jax import digits, sample_cli, sharding, train
+  (the run's final params, config.sample settings, one sampling seed for every run), and their
+  grid."""
+  import jax
+  from npp_jax import digits, load, sample, sharding
   mesh = sharding.make_mesh(dict(config.mesh))
-  graphdef, params = nnx.split(sample_cli.load_model(config, str(workdir), mesh=mesh))
-  step = 0  # one fixed sampling seed for every run.
-  grid, images, labels = train.sample_images(config, graphdef, params, mesh, step,
-                                             per_class=per_class)
+  model = load.load_model(str(workdir), config, mesh=mesh)
+  decoder = sample.make_decoder("auto", model.cfg, mesh, builtin=config.data.builtin)
+  images, labels = sample.sample_classes(
+      model, mesh, config.sample.grid_classes, jax.random.key(config.seed + 1), decoder=decoder,
+      per_class=per_class, **sample.options_from_config(config))
+  grid = sample.class_grid(images, labels, ncols=per_class)
   return float(np.mean(digits.fit_digits_classifier()(images) == labels)), grid
 
 
