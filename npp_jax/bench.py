@@ -9,7 +9,13 @@ Measures, on the current device, in one run:
   * the schedule's whole-run cost ratio measured from those step times against
     `patching.training_cost`;
   * data-loader samples/s (grain over token shards written to a temp dir);
-  * sampling tokens/s and images/s with CFG (KV-cache decoding) when the sampler is available.
+  * sampling with CFG at each --sample_batch_sizes: token-by-token KV-cache decoding (tokens/s,
+    images/s, speed-up over recomputing the prefix) and speculative Jacobi decoding at each
+    --sjd_windows (tokens/s, forward passes per image, tokens accepted per forward pass);
+  * with --checkpoint, the sampler runs the trained weights (SJD's acceptance depends on them: a
+    randomly initialised model's zero output layer gives uniform logits, so every draft is
+    accepted, SJD's best case); with --digits_quality also each method's samples' digit
+    classifier agreement and the model's NLL of them (the digits demo).
 Prints a markdown table, and with --json one JSON line.
 """
 from __future__ import annotations
@@ -34,6 +40,12 @@ _CFG = flags.DEFINE_float("cfg_scale", 2.0, "CFG scale for the sampling benchmar
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per patch size (median reported).")
 _JSON = flags.DEFINE_bool("json", False, "Also print one JSON line.")
 _CONFIG = flags.DEFINE_string("config", None, "Take model/batch settings from this config file.")
+_SJD_WINDOWS = flags.DEFINE_list("sjd_windows", ["4"], "SJD windows to sample with beside "
+                                 "token-by-token decoding ('' = none).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Sample with these weights (training "
+                                  "workdir or params checkpoint of --config's model).")
+_QUALITY = flags.DEFINE_integer("digits_quality", 0, "With a digits --checkpoint: images per "
+                                "class to score per method (0 = skip).")
 
 
 _MALLOC = flags.DEFINE_bool(
@@ -174,8 +186,9 @@ def bench_data(steps=50, batch_size=32):
     return steps * batch_size / (time.perf_counter() - t0)
 
 
-def bench_sample(cfg, batch_sizes, cfg_scale):
-  """KV-cache decoding with CFG, and its speed-up over recomputing the prefix at every step."""
+def bench_sample(cfg, batch_sizes, cfg_scale, windows, model=None):
+  """Token-by-token KV-cache decoding with CFG (and its speed-up over recomputing the prefix at
+  every step), then SJD at each window: one row per (batch size, method)."""
   import jax
   import jax.numpy as jnp
   import flax.nnx as nnx
@@ -183,23 +196,60 @@ def bench_sample(cfg, batch_sizes, cfg_scale):
   from npp_jax import model as model_lib
   from npp_jax import sample, sharding
   mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-  model = sharding.create_sharded(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
+  if model is None:
+    model = sharding.create_sharded(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   rows = []
   for b in batch_sizes:
-    sampler = sample.make_sampler(model, mesh, cfg_scale=cfg_scale)
     labels = np.arange(b, dtype=np.int32) % cfg.num_classes
-    jax.block_until_ready(sampler(labels, jax.random.key(0), 0))
-    dt = _median_time(lambda: jax.block_until_ready(sampler(labels, jax.random.key(0), 0)), 3)
-    # A recompute decoder runs the full-length forward (2B rows with CFG) once per token.
-    rows_cfg = 2 * b if cfg_scale != 1.0 else b
-    codes = jnp.zeros((rows_cfg, cfg.num_tokens), jnp.int32)
-    lab = jnp.zeros((rows_cfg,), jnp.int32)
-    step = jax.jit(lambda c, l: model.logits(model.hidden(c, l)[:, -1:]))
-    jax.block_until_ready(step(codes, lab))
-    t_step = _median_time(lambda: jax.block_until_ready(step(codes, lab)), 3)
-    rows.append({"batch_size": b, "cfg_scale": cfg_scale, "tokens_per_s": b * cfg.num_tokens / dt,
-                 "images_per_s": b / dt,
-                 "speedup_vs_recompute": t_step * cfg.num_tokens / dt})
+    ar = None
+    for window in [0] + list(windows):
+      method = "sjd" if window else "ar"
+      sampler = sample.make_sampler(model, mesh, cfg_scale=cfg_scale, method=method,
+                                    window=window, return_forwards=True)
+      _, forwards = jax.block_until_ready(sampler(labels, jax.random.key(0), 0))
+      dt = _median_time(lambda: jax.block_until_ready(sampler(labels, jax.random.key(0), 0)), 3)
+      row = {"batch_size": b, "cfg_scale": cfg_scale, "method": method,
+             "tokens_per_s": b * cfg.num_tokens / dt, "images_per_s": b / dt}
+      if method == "ar":
+        ar = dt
+        # A recompute decoder runs the full-length forward (2B rows with CFG) once per token.
+        rows_cfg = 2 * b if cfg_scale != 1.0 else b
+        codes = jnp.zeros((rows_cfg, cfg.num_tokens), jnp.int32)
+        lab = jnp.zeros((rows_cfg,), jnp.int32)
+        step = jax.jit(lambda c, l: model.logits(model.hidden(c, l)[:, -1:]))
+        jax.block_until_ready(step(codes, lab))
+        t_step = _median_time(lambda: jax.block_until_ready(step(codes, lab)), 3)
+        row["speedup_vs_recompute"] = t_step * cfg.num_tokens / dt
+        row["ms_per_forward"] = dt / cfg.num_tokens * 1e3
+      else:
+        forwards = np.asarray(forwards)
+        # Each image needs forwards[i] passes; the batch runs until its slowest image is done.
+        row.update(window=window, forward_passes_per_image=float(forwards.mean()),
+                   forward_passes_per_batch=int(forwards.max()),
+                   accepted_per_step=cfg.num_tokens / float(forwards.mean()),
+                   ms_per_forward=dt / int(forwards.max()) * 1e3, speedup_vs_ar=ar / dt)
+      rows.append(row)
+  return rows
+
+
+def digits_quality(model, windows, cfg_scale, per_class):
+  """Per method: how often a digit classifier agrees with the sampled class, and the model's
+  mean NLL (nats/token, class-conditional, no guidance) of the sampled tokens."""
+  import jax
+  import numpy as np
+  from npp_jax import digits, sample
+  classify = digits.fit_digits_classifier()
+  labels = np.repeat(np.arange(model.cfg.num_classes, dtype=np.int32), per_class)
+  nll_fn = jax.jit(lambda c, l: -jax.nn.log_softmax(model(c, l), -1))
+  rows = []
+  for window in [0] + list(windows):
+    method = "sjd" if window else "ar"
+    codes = np.asarray(sample.generate(model, labels, jax.random.key(1), cfg_scale=cfg_scale,
+                                       method=method, window=window))
+    nll = np.take_along_axis(np.asarray(nll_fn(codes, labels)), codes[..., None], -1)
+    agree = classify(digits.palette_decode(codes)) == labels
+    rows.append({"method": method, "window": window, "images": len(labels),
+                 "classifier_agreement": float(agree.mean()), "nll_per_token": float(nll.mean())})
   return rows
 
 
@@ -240,13 +290,29 @@ def main(argv):
       measured = sum((s.end - s.start) * step_ms[s.patch_size] for s in sched.segments)
       schedule_cost = {"analytic": patching.training_cost(sched),
                        "measured": measured / (sched.total_steps * step_ms[1])}
-  samples = bench_sample(cfg, [int(b) for b in _SAMPLE_BATCH.value if b], _CFG.value)
+  windows = [int(w) for w in _SJD_WINDOWS.value if w]
+  model = quality = None
+  if _CHECKPOINT.value:
+    if not _CONFIG.value:
+      raise app.UsageError("--checkpoint needs --config (the config of the checkpoint's model).")
+    from npp_jax import load, sharding
+    model = load.load_model(_CHECKPOINT.value, config,
+                            mesh=sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}))
+    cfg = model.cfg
+  if _QUALITY.value:
+    if model is None or config.data.builtin != "digits":
+      raise app.UsageError("--digits_quality needs --config=configs/digits.py and a --checkpoint "
+                           "of the digits model.")
+    quality = digits_quality(model, windows, _CFG.value, _QUALITY.value)
+  samples = bench_sample(cfg, [int(b) for b in _SAMPLE_BATCH.value if b], _CFG.value, windows,
+                         model)
   result = {"device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
             "malloc_tuned": malloc_tuned,
             "model": {"dim": cfg.dim, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                       "vocab_size": cfg.vocab_size, "dtype": cfg.dtype},
             "matmul_peak_gflops": peak, "train": rows, "sample": samples,
-            "schedule_cost": schedule_cost, "data_samples_per_s": bench_data()}
+            "schedule_cost": schedule_cost, "data_samples_per_s": bench_data(),
+            "checkpoint": _CHECKPOINT.value, "digits_quality": quality}
   print(f"device: {result['device']}; matmul peak {peak:.1f} GFLOP/s ({cfg.dtype}); "
         f"malloc tuned: {malloc_tuned}")
   print("| patch | batch | compile s | ms/step | img/s | tok/s | GFLOP xla | GFLOP analytic | "
@@ -261,10 +327,22 @@ def main(argv):
   if schedule_cost:
     print(f"schedule cost (#L={len(step_ms)}, lambda=1/2): analytic {schedule_cost['analytic']:.3f}, "
           f"measured {schedule_cost['measured']:.3f}")
+  print(f"sampling with {'the weights of ' + _CHECKPOINT.value if model else 'random weights'}:")
   for s in samples:
-    print(f"sampling batch {s['batch_size']} cfg {s['cfg_scale']}: {s['tokens_per_s']:.0f} tokens/s, "
-          f"{s['images_per_s']:.2f} images/s, {s['speedup_vs_recompute']:.0f}x a full-recompute "
-          f"decode")
+    head = (f"sampling batch {s['batch_size']} cfg {s['cfg_scale']} {s['method']}"
+            f"{' window %d' % s['window'] if s['method'] == 'sjd' else ''}: "
+            f"{s['tokens_per_s']:.0f} tokens/s, {s['images_per_s']:.2f} images/s, ")
+    if s["method"] == "ar":
+      print(head + f"{s['ms_per_forward']:.1f} ms per forward pass, "
+            f"{s['speedup_vs_recompute']:.0f}x a full-recompute decode")
+    else:
+      print(head + f"{s['forward_passes_per_image']:.1f} forward passes per image (batch "
+            f"{s['forward_passes_per_batch']}), {s['accepted_per_step']:.2f} tokens per pass, "
+            f"{s['ms_per_forward']:.1f} ms per pass, {s['speedup_vs_ar']:.2f}x token by token")
+  for q in quality or []:
+    print(f"digits quality {q['method']}{' window %d' % q['window'] if q['window'] else ''} "
+          f"({q['images']} images): classifier agrees on {q['classifier_agreement']:.1%}, NLL "
+          f"{q['nll_per_token']:.4f} nats/token")
   print(f"data loader: {result['data_samples_per_s']:.0f} samples/s")
   if _JSON.value:
     print(json.dumps(result))

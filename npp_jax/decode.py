@@ -85,45 +85,67 @@ def grow_cache(cache: tuple, length: int) -> tuple:
   return tuple((pad(k), pad(v)) for k, v in cache)
 
 
-def attend(q_RxJxGxE: jax.Array, k_RxJxLxE: jax.Array, v_RxJxLxE: jax.Array,
-           valid_L: jax.Array) -> jax.Array:
-  """Softmax attention of one query position per head over the cache: o_RxJxGxE (float32)."""
-  e = q_RxJxGxE.shape[-1]
-  s = jnp.einsum("rjge,rjle->rjgl", q_RxJxGxE, k_RxJxLxE, preferred_element_type=jnp.float32)
-  s = jnp.where(valid_L, s / math.sqrt(e), -jnp.inf)
-  w = jax.nn.softmax(s, axis=-1).astype(v_RxJxLxE.dtype)
-  return jnp.einsum("rjgl,rjle->rjge", w, v_RxJxLxE, preferred_element_type=jnp.float32)
+def attend(q_RxWxJxGxE: jax.Array, k_RxJxLxE: jax.Array, v_RxJxLxE: jax.Array,
+           valid_RxWxL: jax.Array) -> jax.Array:
+  """Softmax attention of W query positions per row over the cache: o_RxWxJxGxE (float32).
+
+  `valid_RxWxL` (R may be 1) says which cache positions each query sees (its causal prefix).
+  The queries of a kv head are one (G W)-row operand: the same batched dots as for W = 1
+  (XLA:CPU has no bfloat16 dot with two free dimensions on one side).
+  """
+  r, w, j, g, e = q_RxWxJxGxE.shape
+  q = q_RxWxJxGxE.transpose(0, 2, 3, 1, 4).reshape(r, j, g * w, e)
+  s = jnp.einsum("rjqe,rjle->rjql", q, k_RxJxLxE, preferred_element_type=jnp.float32)
+  s = s.reshape(r, j, g, w, -1)
+  s = jnp.where(valid_RxWxL[:, None, None], s / math.sqrt(e), -jnp.inf).reshape(r, j, g * w, -1)
+  p = jax.nn.softmax(s, axis=-1).astype(v_RxJxLxE.dtype)
+  o = jnp.einsum("rjql,rjle->rjqe", p, v_RxJxLxE, preferred_element_type=jnp.float32)
+  return o.reshape(r, j, g, w, e).transpose(0, 3, 1, 2, 4)
+
+
+def _write(cache_RxJxLxE: jax.Array, new_RxJxWxE: jax.Array, pos: jax.Array) -> jax.Array:
+  """Writes W positions starting at `pos` (a scalar: every row; pos_R: row r at pos_R[r])."""
+  new_RxJxWxE = new_RxJxWxE.astype(cache_RxJxLxE.dtype)
+  if jnp.ndim(pos) == 0:
+    return jax.lax.dynamic_update_slice(cache_RxJxLxE, new_RxJxWxE, (0, 0, pos, 0))
+  return jax.vmap(lambda c, u, p: jax.lax.dynamic_update_slice(c, u, (0, p, 0)))(
+      cache_RxJxLxE, new_RxJxWxE, pos)
 
 
 def cached_step(cfg: model_lib.ModelConfig, layers: list[dict[str, jax.Array]],
-                rope_row_1xKx2: jax.Array, x_RxD: jax.Array, pos: jax.Array,
+                rope_TxKx2: jax.Array, x_RxWxD: jax.Array, pos: jax.Array,
                 cache: tuple) -> tuple[jax.Array, tuple]:
-  """Feeds one position (float32 x_RxD) through every layer: the last residual x_RxD, cache.
+  """Feeds W consecutive positions per row (float32 x_RxWxD) through every layer, writing their
+  k/v into the cache: returns the last residual x_RxWxD and the cache.
 
-  `rope_row_1xKx2` is the RoPE table row of `pos` (K = E / 2 rotary pairs). The layer loop is
-  unrolled: a scan would slice every layer's weights and cache out of stacked arrays at every
-  step, and on CPU those slices are copies.
+  `pos` is the first position: a scalar (token-by-token decoding, every row at the same
+  position) or pos_R (speculative decoding, each row at its own). `rope_TxKx2` holds the RoPE
+  rows of the R*W positions, row-major (T = 1 when every row is at the same single position;
+  K = E / 2 rotary pairs). Query w of row r sees cache positions <= pos_r + w: whatever a
+  longer window or a rejected draft wrote beyond that is never read, and is overwritten when
+  decoding gets there. The layer loop is unrolled: a scan would slice every layer's weights
+  and cache out of stacked arrays at every step, and on CPU those slices are copies.
   """
   dtype = model_lib.DTYPES[cfg.dtype]
-  r = x_RxD.shape[0]
+  r, w = x_RxWxD.shape[:2]
   h_, j, e = cfg.n_head, cfg.kv_heads, cfg.head_dim
-  valid_L = jnp.arange(cache[0][0].shape[2]) <= pos
-  x, new_cache = x_RxD, []
+  first_Rx1x1 = jnp.reshape(pos, (-1, 1, 1))
+  valid_RxWxL = (jnp.arange(cache[0][0].shape[2])[None, None]
+                 <= first_Rx1x1 + jnp.arange(w)[None, :, None])
+  x, new_cache = x_RxWxD.reshape(r * w, -1), []
   for p, (k_cache, v_cache) in zip(layers, cache):
     h = model_lib.rms_norm(x, p["attention_norm"], cfg.norm_eps).astype(dtype)
     qkv = jnp.dot(h, p["wqkv"])
     q, k, v = jnp.split(qkv, [h_ * e, (h_ + j) * e], axis=1)
-    q = patching.apply_rope(q.reshape(r, 1, h_, e), rope_row_1xKx2)
-    k = patching.apply_rope(k.reshape(r, 1, j, e), rope_row_1xKx2)
-    k_cache = jax.lax.dynamic_update_slice(
-        k_cache, k.reshape(r, j, 1, e).astype(k_cache.dtype), (0, 0, pos, 0))
-    v_cache = jax.lax.dynamic_update_slice(
-        v_cache, v.reshape(r, j, 1, e).astype(v_cache.dtype), (0, 0, pos, 0))
-    o = attend(q.reshape(r, j, h_ // j, e), k_cache, v_cache, valid_L)
-    x = x + jnp.dot(o.reshape(r, h_ * e).astype(dtype), p["wo"]).astype(jnp.float32)
+    q = patching.apply_rope(q.reshape(1, r * w, h_, e), rope_TxKx2)
+    k = patching.apply_rope(k.reshape(1, r * w, j, e), rope_TxKx2)
+    k_cache = _write(k_cache, k.reshape(r, w, j, e).transpose(0, 2, 1, 3), pos)
+    v_cache = _write(v_cache, v.reshape(r, w, j, e).transpose(0, 2, 1, 3), pos)
+    o = attend(q.reshape(r, w, j, h_ // j, e), k_cache, v_cache, valid_RxWxL)
+    x = x + jnp.dot(o.reshape(r * w, h_ * e).astype(dtype), p["wo"]).astype(jnp.float32)
     h = model_lib.rms_norm(x, p["ffn_norm"], cfg.norm_eps).astype(dtype)
     g, u = jnp.split(jnp.dot(h, p["w13"]), 2, axis=1)
     x = x + jnp.dot(jax.nn.silu(g) * u, p["w2"]).astype(jnp.float32)
     x = sharding.constrain(x, ("act_batch", "act_embed"))
     new_cache.append((k_cache, v_cache))
-  return x, tuple(new_cache)
+  return x.reshape(r, w, -1), tuple(new_cache)

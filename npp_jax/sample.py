@@ -38,120 +38,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image, ImageDraw, ImageFont
 
-from npp_jax import builtin_data, decode, load, sharding, vq
+from npp_jax import builtin_data, decode, load, sharding, sjd, vq
 from npp_jax import model as model_lib
+from npp_jax.token_choice import SamplingOptions, draw, guide, rows
 
 NO_DROPOUT = load.NO_DROPOUT  # ModelConfig overrides of a sampling model.
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingOptions:
-  """How tokens are drawn (static: one compiled sampler per set of options)."""
-  cfg_scale: float = 1.0  # guidance on raw logits; 1 = no null-class rows at all.
-  cfg_interval: int = -1  # > -1: decode steps i > cfg_interval (token i + 1) use cond logits only.
-  temperature: float = 1.0  # logits / max(temperature, 1e-5): 0 is greedy.
-  top_k: int = 0  # keep logits >= the k-th largest; 0 = off.
-  top_p: float = 1.0  # nucleus (HF v3 semantics) in (0, 1]; 1 = off.
-
-  def validate(self) -> "SamplingOptions":
-    if not math.isfinite(self.cfg_scale):
-      raise ValueError(f"cfg_scale={self.cfg_scale} must be finite.")
-    if int(self.cfg_interval) != self.cfg_interval or self.cfg_interval < -1:
-      raise ValueError(f"cfg_interval={self.cfg_interval} must be an integer >= -1.")
-    if not (math.isfinite(self.temperature) and self.temperature >= 0):
-      raise ValueError(f"temperature={self.temperature} must be >= 0.")
-    if int(self.top_k) != self.top_k or self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be an integer >= 0 (0 = off).")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 = off).")
-    return self
-
-  @property
-  def use_cfg(self) -> bool:
-    return self.cfg_scale != 1.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Token choice.
-# ---------------------------------------------------------------------------------------------
-def filter_logits(logits_BxV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """HF v3 `top_k_top_p_filtering`: removed logits become -inf.
-
-  top-k keeps logits >= the k-th largest (ties kept). top-p sorts descending, takes the
-  cumulative softmax, removes tokens whose cumulative probability exceeds top_p, shifted right by
-  one so that the first token crossing the threshold (and the argmax) stays.
-  """
-  if top_k > 0:
-    kth = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][..., -1:]
-    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
-  if top_p < 1.0:
-    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
-    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
-    # The kept set is a prefix of the sorted order (cum is non-decreasing): its length is 1 plus
-    # the number of earlier positions still within top_p. Cut at that prefix's smallest logit.
-    keep_B1 = 1 + jnp.sum(cum_BxV[..., :-1] <= top_p, axis=-1, keepdims=True)
-    threshold_B1 = jnp.take_along_axis(sorted_BxV, keep_B1 - 1, axis=-1)
-    logits_BxV = jnp.where(logits_BxV < threshold_B1, -jnp.inf, logits_BxV)
-  return logits_BxV
-
-
-def categorical(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
-  """One draw per row from softmax(logits) by inverting the CDF with a single uniform per row.
-
-  Two levels (block sums, then one block's cumulative sum) keep it cheap: a Gumbel-max draw
-  needs V random numbers and two logs per row, and a full-length cumsum is slow on CPU. Tokens
-  of probability zero (filtered to -inf) are never drawn.
-  """
-  b, v = logits_BxV.shape
-  size = 1 << math.isqrt(v - 1).bit_length()  # a power of two >= sqrt(V)
-  nb = -(-v // size)
-  logits = jnp.pad(logits_BxV.astype(jnp.float32), ((0, 0), (0, nb * size - v)),
-                   constant_values=-jnp.inf)
-  p_BxNbxS = jnp.exp(logits - logits.max(-1, keepdims=True)).reshape(b, nb, size)
-  cum_BxNb = jnp.cumsum(p_BxNbxS.sum(-1), axis=-1)
-  u_B = jax.vmap(jax.random.uniform)(keys_B)
-  target_B = (1.0 - u_B) * cum_BxNb[:, -1]  # in (0, total]
-  blk_B = jnp.minimum(jnp.sum(cum_BxNb < target_B[:, None], axis=-1), nb - 1)
-  before_B = jnp.where(blk_B > 0, jnp.take_along_axis(
-      cum_BxNb, jnp.maximum(blk_B - 1, 0)[:, None], axis=-1)[:, 0], 0.0)
-  p_BxS = jnp.take_along_axis(p_BxNbxS, blk_B[:, None, None], axis=1)[:, 0]
-  within_B = jnp.sum(jnp.cumsum(p_BxS, axis=-1) < (target_B - before_B)[:, None], axis=-1)
-  # Rounding may overshoot the block's last token of non-zero probability: clamp to it.
-  last_B = jnp.max(jnp.where(p_BxS > 0, jnp.arange(size), 0), axis=-1)
-  return (blk_B * size + jnp.minimum(within_B, last_B)).astype(jnp.int32)
-
-
-def draw(logits_BxV: jax.Array, keys_B: jax.Array, opts: SamplingOptions) -> jax.Array:
-  """Tokens_B from raw logits: temperature (clamped at 1e-5), top-k/top-p, then a draw."""
-  logits_BxV = logits_BxV / max(opts.temperature, 1e-5)
-  logits_BxV = filter_logits(logits_BxV, opts.top_k, opts.top_p)
-  return categorical(keys_B, logits_BxV)
-
-
-def _guide(x_RxC: jax.Array, t: jax.Array | int, opts: SamplingOptions) -> jax.Array:
-  """CFG-combined x_BxC of step t (t = 0 is the class position).
-
-  The combination is linear, so it applies as well to the normed hidden states as to the
-  logits they project to: the decode loop combines before the output layer, which then
-  multiplies B rows instead of R = 2B.
-  """
-  if not opts.use_cfg:
-    return x_RxC
-  pairs = x_RxC.reshape(-1, 2, x_RxC.shape[-1])
-  cond, uncond = pairs[:, 0], pairs[:, 1]
-  guided = uncond + (cond - uncond) * opts.cfg_scale
-  if opts.cfg_interval > -1:
-    # The reference's decode step i produces token i + 1 and drops CFG once i > cfg_interval.
-    guided = jnp.where(t - 1 > opts.cfg_interval, cond, guided)
-  return guided
-
-
-def _rows(x_B: jax.Array, opts: SamplingOptions, null_value: int | None = None) -> jax.Array:
-  """Per-image values -> per-row values (cond, null interleaved under CFG)."""
-  if not opts.use_cfg:
-    return x_B
-  other = x_B if null_value is None else jnp.full_like(x_B, null_value)
-  return jnp.stack([x_B, other], axis=1).reshape(-1, *x_B.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +63,8 @@ def _loop(model, step_fn, carry, labels_B, rng, sample_offset, opts, return_logi
 
   def body(t, state):
     codes_BxN, carry, tok_B, buf_BxNxV = state
-    x_RxD, carry = step_fn(t, _rows(tok_B, opts), carry)
-    h_BxD = _guide(model_lib.rms_norm(x_RxD, scale_D, cfg.norm_eps), t, opts)
+    x_RxD, carry = step_fn(t, rows(tok_B, opts), carry)
+    h_BxD = guide(model_lib.rms_norm(x_RxD, scale_D, cfg.norm_eps), t, opts)
     logits_BxV = jnp.dot(h_BxD.astype(dtype), out_DxV, preferred_element_type=jnp.float32)
     keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, t)
     tok_B = draw(logits_BxV, keys_B, opts)
@@ -193,7 +84,7 @@ def _loop(model, step_fn, carry, labels_B, rng, sample_offset, opts, return_logi
 
 def _generate_cached(model, labels_B, rng, sample_offset, opts, return_logits):
   cfg = model.cfg
-  labels_R = _rows(labels_B, opts, cfg.num_classes)
+  labels_R = rows(labels_B, opts, cfg.num_classes)
   layers = decode.decode_weights(model)  # sliced, cast and laid out once, outside the loop.
   table = jnp.asarray(model.rope(1))
   cls_RxD = model.class_embedding(labels_R)
@@ -202,7 +93,8 @@ def _generate_cached(model, labels_B, rng, sample_offset, opts, return_logits):
     tok_RxD = model.tok_embeddings(tok_R).astype(jnp.float32)
     x_RxD = jnp.where(t == 0, cls_RxD, tok_RxD)  # t = 0: prefill the class position.
     row = jax.lax.dynamic_slice_in_dim(table, t, 1, axis=0)
-    return decode.cached_step(cfg, layers, row, x_RxD, t, cache)
+    x_Rx1xD, cache = decode.cached_step(cfg, layers, row, x_RxD[:, None], t, cache)
+    return x_Rx1xD[:, 0], cache
 
   phases = [(end, functools.partial(decode.grow_cache, length=length))
             for end, length in decode.cache_phases(cfg.num_tokens)]
@@ -211,7 +103,7 @@ def _generate_cached(model, labels_B, rng, sample_offset, opts, return_logits):
 
 
 def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits):
-  labels_R = _rows(labels_B, opts, model.cfg.num_classes)
+  labels_R = rows(labels_B, opts, model.cfg.num_classes)
 
   def step(t, tok_R, codes_RxN):
     # Token t-1 joins the input (at t = 0 a zero lands in slot 0, which step 1 overwrites).
@@ -223,13 +115,22 @@ def _generate_recompute(model, labels_B, rng, sample_offset, opts, return_logits
   return _loop(model, step, codes_RxN, labels_B, rng, sample_offset, opts, return_logits)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "return_logits", "recompute"))
-def _generate_jit(graphdef, state, labels_B, rng, sample_offset, *, opts, return_logits, recompute):
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts", "return_logits", "recompute",
+                                             "return_forwards"))
+def _generate_jit(graphdef, state, labels_B, rng, sample_offset, *, opts, return_logits, recompute,
+                  return_forwards=False):
   model = nnx.merge(graphdef, state)
-  fn = _generate_recompute if recompute else _generate_cached
-  codes_BxN, logits_BxNxV = fn(model, labels_B, rng, sample_offset, opts, return_logits)
+  if opts.method == "sjd":
+    codes_BxN, logits_BxNxV, forwards_B = sjd.generate(model, labels_B, rng, sample_offset, opts,
+                                                       return_logits)
+  else:
+    fn = _generate_recompute if recompute else _generate_cached
+    codes_BxN, logits_BxNxV = fn(model, labels_B, rng, sample_offset, opts, return_logits)
+    forwards_B = jnp.full(labels_B.shape, model.cfg.num_tokens, jnp.int32)
   codes_BxN = sharding.constrain(codes_BxN, ("act_batch", None))
-  return (codes_BxN, logits_BxNxV) if return_logits else codes_BxN
+  out = ((codes_BxN,) + ((logits_BxNxV,) if return_logits else ())
+         + ((forwards_B,) if return_forwards else ()))
+  return out if len(out) > 1 else codes_BxN
 
 
 def _check_labels(labels_B: Any, num_classes: int) -> None:
@@ -245,17 +146,20 @@ def _check_labels(labels_B: Any, num_classes: int) -> None:
                      f"got [{labels.min()}, {labels.max()}].")
 
 
-def _run(model, labels_B, rng, sample_offset, opts, *, recompute, return_logits):
+def _run(model, labels_B, rng, sample_offset, opts, *, recompute, return_logits,
+         return_forwards=False):
   _check_labels(labels_B, model.cfg.num_classes)
   graphdef, state = nnx.split(model)
   return _generate_jit(graphdef, state, jnp.asarray(labels_B, jnp.int32), rng,
                        jnp.asarray(sample_offset, jnp.int32), opts=opts.validate(),
-                       return_logits=return_logits, recompute=recompute)
+                       return_logits=return_logits, recompute=recompute,
+                       return_forwards=return_forwards)
 
 
 def generate(model: model_lib.Transformer, labels_B: Any, rng: jax.Array, *, cfg_scale: float,
              cfg_interval: int = -1, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             sample_offset: int = 0, return_logits: bool = False):
+             method: str = "ar", window: int = 0, sample_offset: int = 0,
+             return_logits: bool = False, return_forwards: bool = False):
   """Samples tokens with a KV cache, jitted (one compile per options and batch size).
 
   Args:
@@ -263,15 +167,19 @@ def generate(model: model_lib.Transformer, labels_B: Any, rng: jax.Array, *, cfg
     labels_B: int class ids in [0, num_classes]; num_classes is the null class.
     rng: a jax.random key; row b draws from fold_in(rng, sample_offset + b).
     cfg_scale, cfg_interval, temperature, top_k, top_p: see `SamplingOptions`.
+    method, window: "ar" (token by token, window 0) or "sjd" (speculative Jacobi decoding,
+      `npp_jax/sjd.py`: `window` draft tokens verified per forward pass; the same distribution).
     sample_offset: global index of row 0 (chunked or multi-batch runs).
-    return_logits: also return every step's CFG-combined raw logits, float32 [B, N, V].
+    return_logits: also return the CFG-combined raw logits each token was drawn from (from its
+      final context), float32 [B, N, V].
+    return_forwards: also return forwards_B, the forward passes each image took (N for "ar").
 
   Returns:
-    codes_BxN int32 (and logits_BxNxV when return_logits).
+    codes_BxN int32 (then logits_BxNxV, forwards_B when asked for).
   """
-  opts = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p)
+  opts = SamplingOptions(cfg_scale, cfg_interval, temperature, top_k, top_p, method, window)
   return _run(model, labels_B, rng, sample_offset, opts, recompute=False,
-              return_logits=return_logits)
+              return_logits=return_logits, return_forwards=return_forwards)
 
 
 def generate_full_recompute(model: model_lib.Transformer, labels_B: Any, rng: jax.Array, *,
@@ -312,7 +220,8 @@ def to_host(x: jax.Array) -> np.ndarray:
 
 
 def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
-                 return_logits: bool = False, **sampling_kwargs: Any) -> Callable:
+                 return_logits: bool = False, return_forwards: bool = False,
+                 **sampling_kwargs: Any) -> Callable:
   """A jitted `(labels_B, rng, sample_offset=0) -> codes_BxN` on `mesh`.
 
   Params are placed by their logical axis names (the training shardings of this mesh); rows are
@@ -320,6 +229,8 @@ def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
   the params replicated and avoids gathering them at every step. labels_B is a global array or
   numpy labels that every process passes in full (see `global_labels` for per-process slices);
   its size must divide by the data x fsdp devices. Compiled once per batch size.
+  `sampling_kwargs` are `SamplingOptions`' fields (method="sjd", window=k for speculative
+  Jacobi decoding); return_logits / return_forwards add outputs as in `generate`.
   """
   opts = SamplingOptions(**sampling_kwargs).validate()
   graphdef, state = nnx.split(model)
@@ -337,7 +248,8 @@ def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
       labels_B = to_global(mesh, to_host(labels_B).astype(np.int32))
     with sharding.use_mesh(mesh):
       return _generate_jit(graphdef, state, labels_B, rng, jnp.asarray(sample_offset, jnp.int32),
-                           opts=opts, return_logits=return_logits, recompute=False)
+                           opts=opts, return_logits=return_logits, recompute=False,
+                           return_forwards=return_forwards)
 
   return sample
 

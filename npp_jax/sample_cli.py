@@ -7,7 +7,7 @@ Owns the label plan, the chunked `.npz` writer and the flags. The decoding itsel
   python -m npp_jax.sample --config=configs/npp_b.py --checkpoint=DIR --out=DIR \
       [--num_samples=50000] [--per_device_batch=32] [--seed=0] [--labels=balanced|uniform] \
       [--png] [--grid] [--cfg_scale=2.0 --cfg_interval=-1 --temperature=1 --top_k=0 --top_p=1] \
-      [--use_ema] [--decoder=auto|vq|builtin|tokens] [--mesh=data|config]
+      [--use_ema] [--decoder=auto|vq|builtin|tokens] [--mesh=data|config] [--method=sjd --window=k]
 
 --pretrained names a released model (hub.PRETRAINED: npp-b ... npp-xxl, llamagen-b, llamagen-l):
 its weights come from the Hugging Face Hub (downloaded and converted once, then cached), its
@@ -71,6 +71,9 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", None, "Default: config.sample.temperature.")
   flags.DEFINE_integer("top_k", None, "Default: config.sample.top_k.")
   flags.DEFINE_float("top_p", None, "Default: config.sample.top_p.")
+  flags.DEFINE_enum("method", None, ["ar", "sjd"], "Decoding: ar = token by token (default), "
+                    "sjd = speculative Jacobi decoding (same distribution, needs --window).")
+  flags.DEFINE_integer("window", None, "sjd: draft tokens verified per forward pass.")
   distributed.define_flags()
   flags.adopt_module_key_flags(distributed)  # listed by --help
 
@@ -271,7 +274,7 @@ def main(argv):
       png=FLAGS.png, grid=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
       use_ema=FLAGS.use_ema, decoder=FLAGS.decoder, mesh=FLAGS.mesh, cfg_scale=FLAGS.cfg_scale,
       cfg_interval=FLAGS.cfg_interval, temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p)
+      top_p=FLAGS.top_p, method=FLAGS.method, window=FLAGS.window)
 
 
 if __name__ == "__main__":

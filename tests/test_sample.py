@@ -19,7 +19,7 @@ from PIL import Image
 
 from configs import smoke
 from npp_jax import checkpoint as ckpt_lib
-from npp_jax import config_lib, convert, decode, sample, sample_cli, sharding
+from npp_jax import config_lib, convert, decode, sample, sample_cli, sharding, token_choice
 from npp_jax import model as model_lib
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
@@ -129,8 +129,9 @@ def test_cfg_interval_temperature_top_k_top_p(tiny):
   codes, logits = _generated(tiny, rng=1, **opts)
   cond, _, combined = _teacher_forced(tiny, codes, LABELS, 3.0)
   # Steps 0..6 are guided (prefill + decode steps i <= 5); later steps use cond logits only.
-  np.testing.assert_allclose(logits[:, :7], combined[:, :7], rtol=0, atol=2e-5)
-  np.testing.assert_allclose(logits[:, 7:], cond[:, 7:], rtol=0, atol=2e-5)
+  # cfg_scale 3 makes logits up to ~35: a few float32 ulps there exceed 2e-5.
+  np.testing.assert_allclose(logits[:, :7], combined[:, :7], rtol=2e-6, atol=2e-5)
+  np.testing.assert_allclose(logits[:, 7:], cond[:, 7:], rtol=2e-6, atol=2e-5)
   assert np.abs(combined[:, 7:] - cond[:, 7:]).max() > 1e-2
   np.testing.assert_array_equal(
       codes, _redraw(logits, jax.random.key(1), 0, sample.SamplingOptions(**opts)))
@@ -223,7 +224,7 @@ def _hf_filter(logits, top_k, top_p):
 
 
 def _kept(logits, top_k=0, top_p=1.0):
-  filtered = sample.filter_logits(jnp.asarray(logits, jnp.float32), top_k, top_p)
+  filtered = token_choice.filter_logits(jnp.asarray(logits, jnp.float32), top_k, top_p)
   return np.isfinite(np.asarray(filtered))
 
 
@@ -270,14 +271,14 @@ def test_categorical_draws_follow_softmax_and_never_filtered_tokens():
   logits = np.random.default_rng(1).normal(size=v).astype(np.float32) * 1.5
   logits[[0, 5, 36]] = -np.inf
   keys = jax.random.split(jax.random.key(3), n)
-  toks = np.asarray(jax.jit(sample.categorical)(keys, jnp.broadcast_to(logits, (n, v))))
+  toks = np.asarray(jax.jit(token_choice.categorical)(keys, jnp.broadcast_to(logits, (n, v))))
   freq = np.bincount(toks, minlength=v) / n
   probs = np.asarray(jax.nn.softmax(logits))
   assert freq[[0, 5, 36]].sum() == 0
   assert np.all(np.abs(freq - probs) <= 4.5 * np.sqrt(probs * (1 - probs) / n) + 1e-9)
   one = np.full((8, v), -np.inf, np.float32)
   one[np.arange(8), np.arange(8) * 4] = 0.0
-  np.testing.assert_array_equal(sample.categorical(keys[:8], jnp.asarray(one)), np.arange(8) * 4)
+  np.testing.assert_array_equal(token_choice.categorical(keys[:8], jnp.asarray(one)), np.arange(8) * 4)
 
 
 def test_temperature():
@@ -286,7 +287,7 @@ def test_temperature():
   greedy = sample.draw(logits, keys, sample.SamplingOptions(temperature=0.0))
   np.testing.assert_array_equal(greedy, np.asarray(logits).argmax(-1))
   hot = sample.draw(logits, keys, sample.SamplingOptions(temperature=2.5))
-  np.testing.assert_array_equal(hot, sample.categorical(keys, logits / 2.5))
+  np.testing.assert_array_equal(hot, token_choice.categorical(keys, logits / 2.5))
   assert (np.asarray(hot) != np.asarray(greedy)).any()
 
 
