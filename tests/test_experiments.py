@@ -90,6 +90,25 @@ def test_compare_verdicts_and_cost_to_reach():
   assert "| 8 |" in exp.table_markdown(exp.compare(results))
 
 
+def test_finished_runs_are_reused_only_for_the_same_config(tmp_path):
+  from etils import epath
+  a = exp.run_config("npp", 4, evals_per_run=2)
+  b = exp.run_config("npp", 4, evals_per_run=2, overrides={"model.dim": 64})
+  run_dir = epath.Path(tmp_path) / "npp_e4"
+  run_dir.mkdir()
+  stored = {"config": {k: v for k, v in exp._as_json(a).items() if k != "sample"},
+            "sampling": exp._sampling(a, 30), "final_eval_loss": 1.0}
+  (run_dir / "result.json").write_text(json.dumps(stored))
+  assert exp.train_run(a, run_dir, 30) == stored  # reused: nothing trained or rescored.
+  with pytest.raises(ValueError, match=r"npp_e4 holds a run of another config .*model"):
+    exp.train_run(b, run_dir, 30)
+  unfinished = epath.Path(tmp_path) / "ntp_e4"
+  unfinished.mkdir()
+  (unfinished / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="ntp_e4 holds an unfinished run"):
+    exp.train_run(exp.run_config("ntp", 4, evals_per_run=2), unfinished, 30)
+
+
 def test_budgets_below_two_epochs_are_refused(tmp_path):
   with pytest.raises(ValueError, match="--budgets"):
     exp.run([1, 4], tmp_path)

@@ -14,11 +14,12 @@ agrees with the class of `--samples_per_class` CFG samples per class (`digits.fi
 Writes to --out: `npp_vs_ntp.png` (validation loss and sample agreement against wall seconds and
 against FLOPs), `npp_vs_ntp.md` (the table) and `npp_vs_ntp.json` (every run's curve and
 figures, the table rows), plus each run's workdir under `runs/` and its samples grid
-`runs/<run>/agreement_samples.png`. A run whose workdir holds `result.json` is reused; an
-unfinished one is refused (its wall clock would not be one run's).
+`runs/<run>/agreement_samples.png`. A run whose workdir holds `result.json` is reused (a run of
+another config is refused); an unfinished one is refused (its wall clock would not be one run's).
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import resource
@@ -54,7 +55,6 @@ _QUICK = flags.DEFINE_bool("quick", False, "A tiny check of the whole pipeline (
 # ---------------------------------------------------------------------------------------------
 def parse_overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
   """["a.b=1", ...] -> {"a.b": 1}; values are Python literals, else strings."""
-  import ast
   out = {}
   for item in items:
     key, sep, value = item.partition("=")
@@ -164,8 +164,12 @@ def sample_agreement(config: ml_collections.ConfigDict, workdir: epath.Path,
   return float(np.mean(digits.fit_digits_classifier()(images) == labels)), grid
 
 
+def _as_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
 def _sampling(config: ml_collections.ConfigDict, per_class: int) -> dict:
-  return json.loads(json.dumps(dict(config.sample.to_dict(), per_class=per_class)))
+  return dict(_as_json(config)["sample"], per_class=per_class)
 
 
 def _score(config: ml_collections.ConfigDict, workdir: epath.Path, per_class: int) -> dict:
@@ -185,6 +189,12 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, per_class:
   result_file = workdir / "result.json"
   if result_file.exists():
     result = json.loads(result_file.read_text())
+    trained = {k: v for k, v in _as_json(config).items() if k != "sample"}
+    if result["config"] != trained:
+      changed = sorted(k for k in set(trained) | set(result["config"])
+                       if trained.get(k) != result["config"].get(k))
+      raise ValueError(f"{workdir} holds a run of another config (differs in {changed}): use "
+                       f"another --out, or delete the run to train it again.")
     if result["sampling"] != _sampling(config, per_class):  # rescore the trained model only.
       logging.info("Rescoring %s with %s.", workdir, _sampling(config, per_class))
       result.update(_score(config, workdir, per_class))
@@ -212,6 +222,7 @@ def train_run(config: ml_collections.ConfigDict, workdir: epath.Path, per_class:
       "final_eval_loss": curve[-1][2], "train_wall_s": curve[-1][1] - t0,
       "run_wall_s": wall, "run_cpu_s": cpu, "training_cost": summary["training_cost"],
       **_score(config, workdir, per_class),
+      "config": {k: v for k, v in _as_json(config).items() if k != "sample"},
   }
   result_file.write_text(json.dumps(result, indent=2))
   return result
