@@ -313,6 +313,10 @@ def run(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
     log(f"Compiling {prog.name}" + (f" (patch size {prog.patch_size})" if prog.patch_size else "")
         + f" for {topology} ...")
     results.append(analyse(prog, pl, hlo_dir))
+    r = results[-1]
+    log(f"  {r['compile_s']:.0f} s; {r['bytes_per_device']['total'] / chips.GiB:.2f} of "
+        f"{r['hbm_bytes'] / chips.GiB:.0f} GiB per device; est. {r['est_step_s'] * 1e3:.1f} ms "
+        f"({r['est_bound']}-bound), est. MFU {r['est_mfu']:.1%}")
   rep = report(results, pl, config)
   log(format_table(rep))
   check_fits(results, pl)
