@@ -121,7 +121,7 @@ def bench_train(cfg, batch_size, patch_sizes, steps):
   from npp_jax import optim, patching, sharding, train
   config = ml_collections.ConfigDict({
       "seed": 0, "global_batch_size": batch_size,
-      "optim": {"lr": 1e-4, "end_lr": 1e-5, "warmup_epochs": 1.0, "decay_fraction": 0.2,
+      "optim": {"lr": 1e-4, "end_lr": 1e-5, "schedule": "npp", "warmup_epochs": 1.0, "decay_fraction": 0.2,
                 "b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "grad_clip": 1.0, "ema_decay": 0.0}})
   schedule = patching.make_schedule(total_steps=1000, steps_per_epoch=10, epochs=100,
                                     grid_size=cfg.grid_size, num_levels=1)
