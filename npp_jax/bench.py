@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _VARIANT = flags.DEFINE_string("variant", "B", "Named model size; ignored when --dim is set.")
 _N_LAYER = flags.DEFINE_integer("n_layer", 4, "Layers of a custom size (with --dim).")
@@ -228,6 +228,7 @@ def bench_sample(cfg, batch_sizes, cfg_scale, windows, model=None):
                    forward_passes_per_batch=int(forwards.max()),
                    accepted_per_step=cfg.num_tokens / float(forwards.mean()),
                    ms_per_forward=dt / int(forwards.max()) * 1e3, speedup_vs_ar=ar / dt)
+      logging.info("sampling: %s", row)
       rows.append(row)
   return rows
 
