@@ -36,6 +36,8 @@ INSTALL_REQUIRES = SAMPLING_REQUIRES + [
 
 EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # python -m npp_jax.experiments.digits_npp_vs_ntp plots its results.
+    "experiments": ["matplotlib>=3.8"],
     "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],  # NVIDIA GPUs (CUDA 12 wheels, e.g. Colab's)
     "test": [
         "pytest>=8",

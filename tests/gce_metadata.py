@@ -1,6 +1,6 @@
 """A stand-in for the GCE metadata server of the workers of a Cloud TPU slice, on 127.0.0.1.
 
-Each worker VM of a slice has its own metadata server; `MetadataServer(worker, endpoints)` is one
+Each worker VM of a slice has its own metadata server; `MetadataServer(worker, ips)` is one
 of them, answering `computeMetadata/v1/instance/attributes/{key}` (with the `Metadata-Flavor:
 Google` header, 404 otherwise) for the keys JAX's GCE TPU cluster detection reads:
 `agent-worker-number`, `worker-network-endpoints` and `tpu-env`. A process finds it through
@@ -24,10 +24,10 @@ class MetadataServer:
   """Serves one worker's metadata on 127.0.0.1 (a free port) in a thread; `.address` is
   host:port for GCE_METADATA_IP. Use as a context manager."""
 
-  def __init__(self, worker: int, endpoints: list[str], accelerator: str = "v4-16"):
-    attributes = {
+  def __init__(self, worker: int, ips: list[str], accelerator: str = "v4-16"):
+    attributes = {  # the endpoints as name:id:ip triples, the form Cloud TPU VMs report.
         "agent-worker-number": str(worker),
-        "worker-network-endpoints": ",".join(endpoints),
+        "worker-network-endpoints": ",".join(f"unknown:unknown:{ip}" for ip in ips),
         "tpu-env": f"ACCELERATOR_TYPE: '{accelerator}'\nWORKER_ID: '{worker}'\n",
     }
     prefix = "/computeMetadata/v1/instance/attributes/"

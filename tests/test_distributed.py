@@ -24,7 +24,7 @@ from gce_metadata import MetadataServer
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import distributed, train
 from train_helpers import (ROOT, committed_steps, logged_losses, main_command, read_state,
-                           smoke_config, wait_for)
+                           run_losses, smoke_config, wait_for)
 
 CLUSTER_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                 "SLURM_LOCALID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
@@ -111,14 +111,15 @@ def test_gke_tpu_slice_from_worker_hostnames(calls, tpu_vm, monkeypatch):
   assert len(calls) == 1
 
 
-@pytest.mark.parametrize("endpoints, initialised", [(["10.0.0.1", "10.0.0.2"], True),
-                                                    (["10.0.0.1"], False)])
-def test_gce_tpu_slice_from_the_metadata_server(endpoints, initialised, calls, tpu_vm, monkeypatch):
+@pytest.mark.parametrize("ips, initialised", [(["10.0.0.1", "10.0.0.2"], True),
+                                              (["10.0.0.1"], False)])
+def test_gce_tpu_slice_from_the_metadata_server(ips, initialised, calls, tpu_vm, monkeypatch):
   """No TPU_WORKER_HOSTNAMES (a VM made with gcloud): the slice is found through the metadata
   server; a one-worker TPU VM stays uninitialised."""
-  with MetadataServer(0, endpoints) as server:
+  monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # the stub is local, whatever proxy is set.
+  with MetadataServer(0, ips) as server:
     monkeypatch.setenv("GCE_METADATA_IP", server.address)
-    assert distributed.detect_cluster() == distributed.Cluster("gcetpu", len(endpoints))
+    assert distributed.detect_cluster() == distributed.Cluster("gcetpu", len(ips))
     distributed.initialize()
   assert "agent-worker-number" in server.requests
   assert len(calls) == int(initialised)
@@ -149,75 +150,10 @@ def tpu_worker_env(server, coordinator_port, devices):
   metadata server, JAX's coordinator port; no distributed flag or variable."""
   env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             GCE_METADATA_IP=server.address, JAX_COORDINATOR_PORT=str(coordinator_port))
+             GCE_METADATA_IP=server.address, JAX_COORDINATOR_PORT=str(coordinator_port),
+             NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
   return env
 
-
-_PROBE = """
-import jax, numpy as np
-from jax.experimental import multihost_utils
-from npp_jax import distributed
-distributed.initialize()
-seen = multihost_utils.process_allgather(np.array([jax.process_index()]))
-print(f"PROBE index={jax.process_index()} count={jax.process_count()} "
-      f"devices={jax.device_count()} seen={sorted(np.ravel(seen).tolist())}")
-"""
-
-
-@pytest.mark.slow
-def test_two_tpu_workers_join_without_flags():
-  """Two processes, each with its worker's stub metadata server (worker 0 and 1 of a 2-worker
-  slice on 127.0.0.1), join one distributed system with no flag: both see 2 processes, their own
-  index, 4 global devices, and each other in a collective."""
-  port = portpicker.pick_unused_port()
-  endpoints = ["127.0.0.1", "127.0.0.1"]
-  with MetadataServer(0, endpoints) as w0, MetadataServer(1, endpoints) as w1:
-    procs = [subprocess.Popen([sys.executable, SHIM, "-c", _PROBE], cwd=ROOT,
-                              env=tpu_worker_env(server, port, 2), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for server in (w0, w1)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 0, out[-3000:]
-    assert f"PROBE index={i} count=2 devices=4 seen=[0, 1]" in out, out[-3000:]
-
-
-
-
-_SLEEPER = """
-import sys, time
-from npp_jax import distributed
-distributed.initialize(sigterm_stops=sys.argv[1] == "stops", heartbeat_timeout_seconds=5)
-print("JOINED", flush=True)
-time.sleep(30)
-print("SLEPT", flush=True)
-"""
-
-
-@pytest.mark.slow
-def test_sigterm_ends_a_cli_that_does_not_poll_for_preemption():
-  """JAX's preemption sync manager takes SIGTERM and only records it; the sampler and the
-  tokeniser (sigterm_stops=True) get its default action back, so a preemption or stop.sh ends them
-  at once instead of after stop.sh's grace period. The trainer's side: the test below."""
-  port = portpicker.pick_unused_port()
-  endpoints = ["127.0.0.1", "127.0.0.1"]
-  with MetadataServer(0, endpoints) as w0, MetadataServer(1, endpoints) as w1:
-    procs = [subprocess.Popen([sys.executable, SHIM, "-c", _SLEEPER, mode], cwd=ROOT,
-                              env=tpu_worker_env(server, port, 1), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-             for server, mode in ((w0, "records"), (w1, "stops"))]
-    try:
-      for p in procs:
-        assert p.stdout.readline() == "JOINED\n"
-      procs[0].send_signal(signal.SIGTERM)  # recorded for the preemption sync, not fatal
-      time.sleep(1)
-      assert procs[0].poll() is None
-      procs[1].send_signal(signal.SIGTERM)
-      assert procs[1].wait(timeout=10) == -signal.SIGTERM
-    finally:
-      for p in procs:
-        if p.poll() is None:
-          p.kill()
-        p.communicate()
 
 class _Slice:
   """The two workers of a stub TPU slice (a metadata server each, one coordinator port)."""
@@ -248,13 +184,76 @@ class _Slice:
     return procs, logs
 
 
+_PROBE = """
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from npp_jax import distributed
+distributed.initialize()
+seen = multihost_utils.process_allgather(np.array([jax.process_index()]))
+print(f"PROBE index={jax.process_index()} count={jax.process_count()} "
+      f"devices={jax.device_count()} seen={sorted(np.ravel(seen).tolist())}")
+"""
+
+
+@pytest.mark.slow
+def test_two_tpu_workers_join_without_flags():
+  """Two processes, each with its worker's stub metadata server (worker 0 and 1 of a 2-worker
+  slice on 127.0.0.1), join one distributed system with no flag: both see 2 processes, their own
+  index, 4 global devices, and each other in a collective."""
+  with _Slice() as tpu:
+    procs = [subprocess.Popen([sys.executable, SHIM, "-c", _PROBE], cwd=ROOT,
+                              env=tpu_worker_env(server, tpu.port, 2), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for server in tpu.servers]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, out[-3000:]
+    assert f"PROBE index={i} count=2 devices=4 seen=[0, 1]" in out, out[-3000:]
+
+
+
+
+_SLEEPER = """
+import sys, time
+from npp_jax import distributed
+distributed.initialize(sigterm_stops=sys.argv[1] == "stops", heartbeat_timeout_seconds=5)
+print("JOINED", flush=True)
+time.sleep(30)
+print("SLEPT", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_cli_that_does_not_poll_for_preemption():
+  """JAX's preemption sync manager takes SIGTERM and only records it; the sampler and the
+  tokeniser (sigterm_stops=True) get its default action back, so a preemption or stop.sh ends them
+  at once instead of after stop.sh's grace period. The trainer's side: the test below."""
+  with _Slice() as tpu:
+    procs = [subprocess.Popen([sys.executable, SHIM, "-c", _SLEEPER, mode], cwd=ROOT,
+                              env=tpu_worker_env(server, tpu.port, 1), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+             for server, mode in zip(tpu.servers, ("records", "stops"))]
+    try:
+      for p in procs:
+        assert p.stdout.readline() == "JOINED\n"
+      procs[0].send_signal(signal.SIGTERM)  # recorded for the preemption sync, not fatal
+      time.sleep(1)
+      assert procs[0].poll() is None
+      procs[1].send_signal(signal.SIGTERM)
+      assert procs[1].wait(timeout=10) == -signal.SIGTERM
+    finally:
+      for p in procs:
+        if p.poll() is None:
+          p.kill()
+        p.communicate()
+
 @pytest.mark.slow
 def test_sigterm_to_one_process_saves_both_at_the_same_step(shards, tmp_path):
   """A 2-process training run started with no flag on a stub 2-worker TPU slice: SIGTERM to
   process 1 only makes both processes save the same step (JAX's preemption sync service) and exit
   0; rerunning the same command resumes it and ends where an uninterrupted run ends."""
   overrides = {"data.eval_split": "", "ckpt.every_steps": 100}
-  ref = train.train_and_evaluate(smoke_config(shards, **overrides), str(tmp_path / "ref"))
+  train.train_and_evaluate(smoke_config(shards, **overrides), str(tmp_path / "ref"))
+  ref_losses = run_losses(tmp_path / "ref")
   workdir = tmp_path / "w"
   checkpoints = workdir / "checkpoints"
   with _Slice() as tpu:
@@ -292,7 +291,7 @@ def test_sigterm_to_one_process_saves_both_at_the_same_step(shards, tmp_path):
   # 2 x 4 devices vs 1 x 8: the same batches and math, reduced in another order (measured: the
   # final arrays differ by <= 5e-7; every logged loss agrees to its 6 printed digits).
   for step, loss in logged.items():
-    assert loss == pytest.approx(ref["losses"][step], rel=1e-4), step
+    assert loss == pytest.approx(ref_losses[step], rel=1e-4), step
   final = read_state(checkpoints / "12")
   expected = read_state(tmp_path / "ref" / "checkpoints" / "12")
   assert sorted(final) == sorted(expected)

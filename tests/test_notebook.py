@@ -81,13 +81,16 @@ def _text(cell):
 
 
 @pytest.mark.slow
-def test_notebook_runs_on_a_simulated_colab_against_the_hub_stub(tmp_path):
+@pytest.mark.parametrize("method, window", [("ar", 0), ("sjd", 4)])
+def test_notebook_runs_on_a_simulated_colab_against_the_hub_stub(tmp_path, method, window):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
   assert re.search(r'(?m)^MODEL = "npp-b"', params.source)  # the default is the released NPP-B
   install_dir = tmp_path / "content" / "npp_jax"
   source = re.sub(r"(?m)^REPO_URL = .*$", 'REPO_URL = "https://example.test/npp_jax.git"',
                   params.source)
+  source = re.sub(r'(?m)^METHOD = "ar"', f"METHOD = {method!r}", source)
+  source = re.sub(r"(?m)^WINDOW = 0", f"WINDOW = {window}", source)
   params.source = re.sub(r"(?m)^INSTALL_DIR = .*$", f"INSTALL_DIR = {str(install_dir)!r}", source)
   with HubStub() as stub:
     stub.add("pytttttt/LlamaGen-NPP", "c2i_B_256.pt", TINY_PT.read_bytes())
@@ -107,7 +110,7 @@ def test_notebook_runs_on_a_simulated_colab_against_the_hub_stub(tmp_path):
   assert "jax[cuda12]>=0.10.2,<0.11" in deps and not any("tensorflow" in d for d in deps)
   assert "gpu runtime: installing jax[cuda12]" in _text(install)
   assert "npp-b: 2 layers, width 64, 1000 classes; decoder: vq" in _text(loaded)
-  assert re.search(r"8 images in [\d.]+ s \(CFG 2.0, seed 0\)", _text(sampled))
+  assert re.search(rf"8 images in [\d.]+ s \(CFG 2.0, seed 0, {method}\)", _text(sampled))
   assert len([o for o in shown.outputs if "image/png" in o.get("data", {})]) == 1
   # What the repository stores: the executed notebook without the test's set-up cells.
   del nb.cells[4], nb.cells[2]
