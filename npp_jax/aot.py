@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from npp_jax import chips, config_lib, flops, hlo_cost, hooks, optim, patching, sharding, train
+from npp_jax import (chips, config_lib, flops, hlo_cost, hooks, kernels, optim, patching,
+                     sharding, train)
 from npp_jax import model as model_lib
 
 PROGRAMS = ("train", "eval", "sample", "vq_decode")
@@ -76,6 +77,7 @@ class Plan:
   mesh: jax.sharding.Mesh
   programs: list[Program]
   schedule: patching.Schedule
+  compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
 def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
@@ -140,7 +142,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
     out.append(_sample_program(config, model_cfg, data_mesh, sb))
   if "vq_decode" in programs:
     out.append(_vq_program(model_cfg, data_mesh, sb))
-  return Plan(acc, devices, mesh, out, schedule)
+  return Plan(acc, devices, mesh, out, schedule, kernels.compiler_options(config, mesh) or {})
 
 
 def _sample_program(config, model_cfg, mesh, batch: int) -> Program:
@@ -200,7 +202,7 @@ def analyse(prog: Program, pl: Plan, hlo_dir: str | None = None) -> dict:
   hbm = acc.chip.hbm_bytes // per_chip
   peak = acc.chip.peak_bf16_flops / per_chip
   t0 = time.time()
-  compiled = prog.lower().compile()
+  compiled = prog.lower().compile(compiler_options=pl.compiler_options or None)
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
   by = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),

@@ -104,21 +104,11 @@ def matmul_peak_gflops(dtype, n=2048, reps=7) -> float:
   return 2 * n ** 3 / min(times) / 1e9
 
 
-def analytic_flops(cfg, batch_size: int, patch_size: int) -> float:
-  """6 * non-embedding params * positions + causal-free attention scores, forward + backward."""
-  from npp_jax import model as model_lib
-  total = model_lib.num_params(cfg)
-  embeddings = (cfg.vocab_size + cfg.num_classes + 1) * cfg.dim
-  positions = cfg.num_tokens // (patch_size * patch_size)
-  attention = 12 * cfg.n_layer * positions * positions * cfg.dim
-  return batch_size * (6 * (total - embeddings) * positions + attention)
-
-
 def bench_train(cfg, batch_size, patch_sizes, steps):
   import jax
   import jax.numpy as jnp
   import ml_collections
-  from npp_jax import optim, patching, sharding, train
+  from npp_jax import flops, optim, patching, sharding, train
   config = ml_collections.ConfigDict({
       "seed": 0, "global_batch_size": batch_size,
       "optim": {"lr": 1e-4, "end_lr": 1e-5, "schedule": "npp", "warmup_epochs": 1.0, "decay_fraction": 0.2,
@@ -162,7 +152,7 @@ def bench_train(cfg, batch_size, patch_sizes, steps):
                  "ms_per_step": dt * 1e3, "images_per_s": batch_size / dt,
                  "tokens_per_s": batch_size * cfg.num_tokens / dt,
                  "gflops_xla": float(cost.get("flops", 0.0)) / 1e9,
-                 "gflops_analytic": analytic_flops(cfg, batch_size, p) / 1e9,
+                 "gflops_analytic": batch_size * flops.train_flops_per_image(cfg, p) / 1e9,
                  "peak_memory_bytes": peak})
   return rows
 

@@ -122,6 +122,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
       raise ValueError(f"config.ckpt.{key}={config.ckpt[key]} must be >= 1.")
   if config.log_every_steps < 1:
     raise ValueError(f"config.log_every_steps={config.log_every_steps} must be >= 1.")
+  for key, value in (config.get("tpu_compiler_options") or {}).items():
+    if not key.startswith("xla_") or not isinstance(value, (bool, int, float, str)):
+      raise ValueError(f"config.tpu_compiler_options.{key}={value!r}: XLA options are named "
+                       f"xla_... and take a bool, number or string.")
   for key in ("eval_every_steps", "sample_every_steps", "profile_steps"):
     if config[key] < 0:
       raise ValueError(f"config.{key}={config[key]} must be >= 0 (0 = off).")
@@ -159,9 +163,10 @@ def _check_parameter_splits(config: ml_collections.ConfigDict, cfg: model_lib.Mo
 # (model, npp schedule, optim, batch size, seed, data splits) is the run's identity: changing it
 # mid-run silently gives another experiment than the one its workdir holds.
 RESUMABLE_CHANGES = ("mesh.", "log_every_steps", "eval_every_steps", "sample_every_steps",
-                     "profile_steps", "compile_cache",
+                     "profile_steps", "compile_cache", "tpu_compiler_options.",
                      "ckpt.every_steps", "ckpt.keep", "ckpt.init_from", "data.path",
-                     "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll", "model.kernels",
+                     "data.num_workers", "data.eval_split", "model.remat", "model.scan_unroll",
+                     "model.kernels",
                      "sample.")
 
 
@@ -177,9 +182,10 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def resume_changes(saved: dict, config: ml_collections.ConfigDict
                    ) -> list[tuple[str, Any, Any]]:
   """(key, saved value, new value) of every key outside RESUMABLE_CHANGES where `config`
-  differs from the JSON config a workdir's earlier run saved (config.json)."""
+  differs from the JSON config a workdir's earlier run saved (config.json). Keys only one side
+  has (added to or removed from npp_jax since that run) are not changes the user made: their
+  defaults keep the earlier behaviour."""
   old = _flat(saved)
   new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
-  return [(k, old.get(k, "(absent)"), new.get(k, "(absent)"))
-          for k in sorted(set(old) | set(new))
-          if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+  return [(k, old[k], new[k]) for k in sorted(set(old) & set(new))
+          if old[k] != new[k] and not k.startswith(RESUMABLE_CHANGES)]

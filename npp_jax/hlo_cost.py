@@ -112,17 +112,52 @@ def _parse(text: str) -> tuple[dict[str, list[_Instr]], str | None]:
   return comps, entry
 
 
-def _trip_count(cond: list[_Instr]) -> int | None:
-  """N of a loop condition `counter < N` (counter from 0, as scan and fori_loop lower)."""
-  consts = {i.name: i.rest for i in cond if i.op == "constant"}
+def _const(instrs_by_name: dict[str, _Instr], name: str) -> int | None:
+  ins = instrs_by_name.get(name)
+  if ins is None or ins.op != "constant":
+    return None
+  m = re.match(r"\s*(-?\d+)\)", ins.rest)
+  return int(m.group(1)) if m else None
+
+
+def _tuple_index(ins: _Instr | None) -> int | None:
+  if ins is None or ins.op != "get-tuple-element":
+    return None
+  m = re.search(r"index=(\d+)", ins.rest)
+  return int(m.group(1)) if m else None
+
+
+def _trip_count(loop: _Instr, caller: list[_Instr], comps) -> int | None:
+  """Iterations of a `while` whose condition is `counter < N` and whose body adds a constant
+  step to the counter (scan, fori_loop and XLA's windowed collective matmuls lower to this);
+  the counter's start is the constant the loop's input tuple holds (0 if not a constant)."""
+  callees = dict(_CALLEES.findall(loop.rest))
+  cond, body = comps.get(callees.get("condition"), []), comps.get(callees.get("body"), [])
+  cond_by = {i.name: i for i in cond}
+  limit = index = None
   for i in cond:
-    if i.op == "compare" and "direction=LT" in i.rest:
-      for o in i.operands:
-        if o in consts:
-          m = re.match(r"\s*(-?\d+)\)", consts[o])
-          if m:
-            return int(m.group(1))
-  return None
+    if i.op == "compare" and "direction=LT" in i.rest and len(i.operands) == 2:
+      index, limit = _tuple_index(cond_by.get(i.operands[0])), _const(cond_by, i.operands[1])
+  if limit is None or index is None:
+    return None
+  body_by = {i.name: i for i in body}
+  root = next((i for i in reversed(body) if i.op == "tuple"), None)
+  step = 1
+  if root is not None and index < len(root.operands):
+    nxt = body_by.get(root.operands[index])
+    if nxt is not None and nxt.op == "add" and len(nxt.operands) == 2:
+      a, b = nxt.operands
+      if _tuple_index(body_by.get(a)) != index:
+        a, b = b, a
+      c = _const(body_by, b)
+      if _tuple_index(body_by.get(a)) == index and c:
+        step = c
+  start = 0
+  caller_by = {i.name: i for i in caller}
+  init = caller_by.get(loop.operands[0]) if loop.operands else None
+  if init is not None and init.op == "tuple" and index < len(init.operands):
+    start = _const(caller_by, init.operands[index]) or 0
+  return max(0, -(-(limit - start) // step))
 
 
 def _multipliers(comps, entry) -> tuple[dict[str, float], set[str], int]:
@@ -137,8 +172,7 @@ def _multipliers(comps, entry) -> tuple[dict[str, float], set[str], int]:
         callees += [("branch", c) for c in re.findall(r"%([\w.\-]+)", b)]
       trips = 1
       if ins.op == "while":
-        cond = dict(callees).get("condition")
-        n = _trip_count(comps.get(cond, [])) if cond else None
+        n = _trip_count(ins, instrs, comps)
         unknown += n is None
         trips = n or 1
       for kind, callee in callees:
@@ -243,29 +277,57 @@ def _conv_flops(ins: _Instr, shapes: dict[str, str]) -> float:
   return 2.0 * math.prod(out) / out_spatial * taps * rhs[rhs_lab.index("i")]
 
 
-def _fusion_operand_bytes(ins: _Instr, body: list[_Instr], shapes: dict[str, str]) -> float:
-  """Bytes a fusion reads: each operand in full, unless the fusion only slices it."""
-  params = {}
+def _params(body: list[_Instr]) -> dict[str, int]:
+  out = {}
   for i in body:
     if i.op == "parameter":
       m = re.match(r"\s*(\d+)\)", i.rest)
       if m:
-        params[i.name] = int(m.group(1))
-  users = collections.defaultdict(list)
-  for i in body:
-    for o in i.operands:
-      if o in params:
-        users[params[o]].append(i)
+        out[i.name] = int(m.group(1))
+  return out
+
+
+def _param_read_bytes(comps, body: list[_Instr], index: int, full: float, depth: int = 0) -> float:
+  """Bytes a fused computation reads of its parameter `index` (of `full` bytes): the slices it
+  takes if it only slices it (looking into nested fusions), nothing if it only updates it in
+  place, else all of it."""
+  name = next((n for n, k in _params(body).items() if k == index), None)
+  uses = [i for i in body if name in i.operands] if name else []
+  if not uses or depth > 8:
+    return full
   total = 0.0
-  for idx, name in enumerate(ins.operands):
-    uses = users.get(idx, [])
-    if uses and all(u.op in ("dynamic-slice", "slice", "gather") for u in uses):
-      total += sum(_array_bytes(u.type_str, hbm_only=True) for u in uses)
-    elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] in params
-                      and params[u.operands[0]] == idx for u in uses):
+  for u in uses:
+    if u.op in ("dynamic-slice", "slice", "gather"):
+      total += _array_bytes(u.type_str, hbm_only=True)
+    elif u.op == "dynamic-update-slice" and u.operands[0] == name:
       continue  # the buffer updated in place: only the update moves.
+    elif u.op == "fusion":
+      inner = comps.get(dict(_CALLEES.findall(u.rest)).get("calls"), [])
+      for pos, o in enumerate(u.operands):
+        if o == name:
+          total += _param_read_bytes(comps, inner, pos, full, depth + 1)
     else:
-      total += _array_bytes(shapes.get(name, ""), hbm_only=True)
+      return full
+  return min(total, full)
+
+
+def _fusion_bytes(ins: _Instr, comps, shapes: dict[str, str]) -> float:
+  """HBM bytes of one fusion: what it reads of each operand plus what it writes (an in-place
+  dynamic-update-slice writes only its update)."""
+  body = comps.get(dict(_CALLEES.findall(ins.rest)).get("calls"), [])
+  by = {i.name: i for i in body}
+  total = sum(_param_read_bytes(comps, body, k, _array_bytes(shapes.get(o, ""), hbm_only=True))
+              for k, o in enumerate(ins.operands))
+  root = body[-1] if body else None
+  outs = [by.get(o) for o in root.operands] if root is not None and root.op == "tuple" else [root]
+  if root is None or any(o is None for o in outs):
+    return total + _array_bytes(ins.type_str, hbm_only=True)
+  for o in outs:
+    if o.op == "dynamic-update-slice" and len(o.operands) > 1:
+      total += _array_bytes(by[o.operands[1]].type_str if o.operands[1] in by else "",
+                            hbm_only=True)
+    else:
+      total += _array_bytes(o.type_str, hbm_only=True)
   return total
 
 
@@ -292,19 +354,13 @@ def analyse(text: str, num_devices: int = 1) -> HloCost:
         counts[base] += w
       if name in fused or op in _FREE:
         continue
-      out = _array_bytes(ins.type_str, hbm_only=True)
       if op == "fusion":
-        callee = dict(_CALLEES.findall(ins.rest)).get("calls")
-        body = comps.get(callee, [])
-        root = body[-1] if body else None
-        if root is not None and root.op == "dynamic-update-slice" and len(root.operands) > 1:
-          out = _array_bytes({i.name: i.type_str for i in body}.get(root.operands[1], ""),
-                             hbm_only=True)
-        cost.bytes_accessed += w * (out + _fusion_operand_bytes(ins, body, shapes))
+        cost.bytes_accessed += w * _fusion_bytes(ins, comps, shapes)
       elif op == "dynamic-update-slice":
         upd = _array_bytes(shapes.get(ins.operands[1], ""), hbm_only=True)
         cost.bytes_accessed += w * 2 * upd
       else:
+        out = _array_bytes(ins.type_str, hbm_only=True)
         cost.bytes_accessed += w * (out + sum(_array_bytes(shapes.get(o, ""), hbm_only=True)
                                               for o in ins.operands))
   cost.collective_counts = {k: int(v) for k, v in sorted(counts.items())}

@@ -25,7 +25,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 from flax import nnx
 
-from npp_jax import builtin_data, data, sample, sharding
+from npp_jax import builtin_data, data, kernels, sample, sharding
 from npp_jax import model as model_lib
 
 State = dict[str, Any]
@@ -125,7 +125,8 @@ class EvalLoss(Hook):
       with sharding.use_mesh(self.run.mesh):
         if self.compiled is None:
           self.compiled = make_eval_step(self.run.graphdef, self.run.mesh).lower(
-              state["params"], batch).compile()
+              state["params"], batch).compile(
+                  compiler_options=kernels.compiler_options(c, self.run.mesh))
         out = host(self.compiled(state["params"], batch))
       total, count = total + float(out["ce_sum"]), count + float(out["count"])
     return total / max(count, 1.0)

@@ -57,6 +57,14 @@ def resolve(setting: str) -> str:
   return setting
 
 
+def compiler_options(config, mesh: jax.sharding.Mesh) -> dict | None:
+  """XLA options for a program compiled for `mesh`'s devices: config.tpu_compiler_options when
+  they are TPUs (the option names are TPU-only), else None."""
+  if mesh.devices.flat[0].platform != "tpu":
+    return None
+  return dict(config.get("tpu_compiler_options") or {}) or None
+
+
 def batch_shards() -> int:
   """Devices the batch axis is split over in the program being traced (1 without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()

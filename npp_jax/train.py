@@ -122,6 +122,7 @@ class StepFns:
     self.state_shardings = jax.tree.map(lambda x: x.sharding, state)
     self.batch_shardings = sharding.batch_sharding(mesh)
     self.mesh = mesh
+    self.compiler_options = kernels.compiler_options(config, mesh)
     self.compiled: dict[int, Callable] = {}
     self.compile_seconds = 0.0  # spent in compiling (or loading from the cache) so far.
 
@@ -134,7 +135,8 @@ class StepFns:
   def __call__(self, patch_size: int, state: State, batch: dict) -> tuple[State, dict]:
     if patch_size not in self.compiled:
       t0, hits = time.perf_counter(), _cache_hits[0]
-      self.compiled[patch_size] = self.lower(patch_size, state, batch).compile()
+      self.compiled[patch_size] = self.lower(patch_size, state, batch).compile(
+          compiler_options=self.compiler_options)
       dt = time.perf_counter() - t0
       self.compile_seconds += dt
       logging.info("Compiled the train step for patch size %d in %.1fs%s.", patch_size, dt,

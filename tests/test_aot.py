@@ -121,6 +121,15 @@ def test_a_program_that_does_not_fit_names_program_bytes_hbm_and_remedies():
 
 # ----------------------------------------------------------------------------- whole programs
 
+def _aligned_tiny_config():
+  """The smoke config at dims that TPU tiles without padding once split over 4 devices (an
+  embed shard of 128, head_dim 128), so per-device argument bytes can be checked exactly."""
+  from configs import smoke
+  config = smoke.get_config()
+  config.model.update(dim=512, n_head=4, vocab_size=512, dtype="bfloat16")
+  return config
+
+
 def _check_report(rep, config, topology):
   cfg = model_lib.ModelConfig(dim=config.model.dim, n_layer=config.model.n_layer,
                               n_head=config.model.n_head, vocab_size=config.model.vocab_size,
@@ -136,9 +145,10 @@ def _check_report(rep, config, topology):
     assert p["compile_s"] > 0 and p["est_step_s"] > 0 and 0 < p["est_mfu"] <= 1
     assert p["flops_xla"] > 0 and p["flops_analytic"] > 0
     if p["name"] == "train":
-      # params, Adam's mu and nu (sharded), the step and the batch: ~3x the params per device.
+      # params, Adam's mu and nu (sharded), the step and the batch: 3x the params per device
+      # (the replicated norm scales and TPU's tiling of the small class table add < 5%).
       state = 3 * param_bytes / n
-      assert state <= b["arguments"] <= 1.05 * state + 4 * config.global_batch_size * 257
+      assert state <= b["arguments"] <= 1.05 * state
       # the HLO count (loop bodies times their trip counts) equals the analytic count.
       assert p["flops_hlo"] == pytest.approx(p["flops_analytic"], rel=1e-3)
       assert p["flops_analytic"] == pytest.approx(
@@ -148,14 +158,12 @@ def _check_report(rep, config, topology):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
+@pytest.mark.parametrize("topology", ["v5e:2x2"])
 def test_every_program_of_the_tiny_model_compiles_for_tpu(topology, tmp_path):
   """Also: what compiles for TPU is what a TPU run executes. The kernel set follows the mesh's
   devices, so none of the CPU kernels (scoped `cpu_kernel` in the HLO's op names) is in the
   compiled TPU programs, while the same step lowered for CPU devices uses them."""
-  from configs import smoke
-  config = smoke.get_config()
-  config.model.dtype = "bfloat16"
+  config = _aligned_tiny_config()
   rep = aot.run(config, topology, programs=("train", "eval", "sample"), log=lambda s: None,
                 hlo_dir=str(tmp_path))
   _check_report(rep, config, topology)
@@ -171,12 +179,17 @@ def test_every_program_of_the_tiny_model_compiles_for_tpu(topology, tmp_path):
 
 @pytest.mark.slow
 def test_cli_prints_the_table_and_json_for_npp_b_on_a_4_chip_v5p():
+  """NPP-B's train steps (both patch levels) on a v5p-8: they fit, and the HLO FLOPs (loop
+  bodies times trip counts) equal the analytic count (no remat)."""
   out = subprocess.run(
       [sys.executable, "-m", "npp_jax.aot", "--config=configs/npp_b.py", "--topology=v5p-8",
-       "--json"], capture_output=True, text=True, timeout=1500, check=True)
+       "--programs=train", "--json"], capture_output=True, text=True, timeout=1500, check=True)
   rep = json.loads(out.stdout.strip().splitlines()[-1])
-  assert rep["chip"] == "v5p" and rep["num_devices"] == 4
-  assert [p["name"] for p in rep["programs"]] == ["train", "train", "eval", "sample"]
+  assert rep["chip"] == "v5p" and rep["num_devices"] == 4 and rep["mesh"]["fsdp"] == 4
+  assert [(p["name"], p["patch_size"]) for p in rep["programs"]] == [("train", 2), ("train", 1)]
   for p in rep["programs"]:
-    assert p["fits"] and p["est_step_s"] > 0
+    assert p["fits"] and p["est_step_s"] > 0 and 0 < p["est_mfu"] <= 1
+    assert p["flops_hlo"] == pytest.approx(p["flops_analytic"], rel=1e-3)
+    assert p["bytes_per_device"]["arguments"] < 0.5 * chips.GiB  # sharded state, ~0.34 GiB
+  assert rep["est_chip_hours"] > 0
   assert "ESTIMATE" in out.stdout

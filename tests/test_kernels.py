@@ -168,3 +168,17 @@ def test_train_loss_and_gradients_are_the_same_with_either_kernel_set():
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_cpu), jax.tree.leaves(g_xla)):
       assert np.abs(b).max() > 0, path
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max(), err_msg=str(path))
+
+
+def test_tpu_compiler_options_apply_only_to_tpu_programs_and_are_validated():
+  from configs import smoke
+  from npp_jax import config_lib
+  config = smoke.get_config()
+  cpu_mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  assert kernels.compiler_options(config, cpu_mesh) is None
+  options = kernels.compiler_options(config, _tpu_mesh())
+  assert options == {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+  config.tpu_compiler_options.unknown_thing = 3
+  with pytest.raises(ValueError, match="config.tpu_compiler_options.unknown_thing"):
+    config_lib.validate(config, num_devices=8, process_count=1)

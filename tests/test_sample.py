@@ -129,9 +129,11 @@ def test_cfg_interval_temperature_top_k_top_p(tiny):
   codes, logits = _generated(tiny, rng=1, **opts)
   cond, _, combined = _teacher_forced(tiny, codes, LABELS, 3.0)
   # Steps 0..6 are guided (prefill + decode steps i <= 5); later steps use cond logits only.
-  # cfg_scale 3 makes logits up to ~35: a few float32 ulps there exceed 2e-5.
-  np.testing.assert_allclose(logits[:, :7], combined[:, :7], rtol=2e-6, atol=2e-5)
-  np.testing.assert_allclose(logits[:, 7:], cond[:, 7:], rtol=2e-6, atol=2e-5)
+  # cfg_scale 3 makes logits up to ~35, where a float32 ulp is ~4e-6: the cached and the full
+  # forward sum in different orders (and XLA:CPU's threaded matmuls split sums by load), so
+  # allow ~12 ulps there.
+  np.testing.assert_allclose(logits[:, :7], combined[:, :7], rtol=2e-6, atol=5e-5)
+  np.testing.assert_allclose(logits[:, 7:], cond[:, 7:], rtol=2e-6, atol=5e-5)
   assert np.abs(combined[:, 7:] - cond[:, 7:]).max() > 1e-2
   np.testing.assert_array_equal(
       codes, _redraw(logits, jax.random.key(1), 0, sample.SamplingOptions(**opts)))
