@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 _VARIANT = flags.DEFINE_string("variant", "B", "Named model size; ignored when --dim is set.")
 _N_LAYER = flags.DEFINE_integer("n_layer", 4, "Layers of a custom size (with --dim).")
@@ -111,7 +111,7 @@ def bench_train(cfg, batch_size, patch_sizes, steps):
   from npp_jax import flops, optim, patching, sharding, train
   config = ml_collections.ConfigDict({
       "seed": 0, "global_batch_size": batch_size,
-      "optim": {"lr": 1e-4, "end_lr": 1e-5, "warmup_epochs": 1.0, "decay_fraction": 0.2,
+      "optim": {"lr": 1e-4, "end_lr": 1e-5, "schedule": "npp", "warmup_epochs": 1.0, "decay_fraction": 0.2,
                 "b1": 0.9, "b2": 0.95, "weight_decay": 0.05, "grad_clip": 1.0, "ema_decay": 0.0}})
   schedule = patching.make_schedule(total_steps=1000, steps_per_epoch=10, epochs=100,
                                     grid_size=cfg.grid_size, num_levels=1)
@@ -218,6 +218,7 @@ def bench_sample(cfg, batch_sizes, cfg_scale, windows, model=None):
                    forward_passes_per_batch=int(forwards.max()),
                    accepted_per_step=cfg.num_tokens / float(forwards.mean()),
                    ms_per_forward=dt / int(forwards.max()) * 1e3, speedup_vs_ar=ar / dt)
+      logging.info("sampling: %s", row)
       rows.append(row)
   return rows
 
