@@ -233,7 +233,8 @@ def analyse(prog: Program, pl: Plan, hlo_dir: str | None = None) -> dict:
       "loops_without_trip_count": hlo.unknown_loops,
       "est_step_s": step, "est_bound": est["bound"], "est_terms_s": est["terms"],
       "est_images_per_s_per_chip": prog.images / step / acc.num_chips if step else 0.0,
-      "est_mfu": flops_analytic / (step * peak) if step else 0.0,
+      # Model FLOPs: analytic where defined (the transformer), else those counted in the HLO.
+      "est_mfu": (flops_analytic or hlo.flops) / (step * peak) if step else 0.0,
   }
 
 

@@ -143,7 +143,8 @@ def test_patch_loss_equals_k_fold_copy_loss(seed):
   ours = _patch_loss_every_level(logits, [t.astype(np.int32) for t in targets])
   for p, (loss, grad), l, t in zip(sizes, ours, logits, targets):
     ref_loss, ref_grad = _k_fold_copy_loss_and_grad(l, t)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-6, err_msg=f"p={p}")
+    # float32 log-sum-exp against float64: a few ulps of a loss near 7 (seen: 9.4e-6).
+    np.testing.assert_allclose(loss, ref_loss, rtol=5e-6, atol=1e-6, err_msg=f"p={p}")
     np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-7, err_msg=f"p={p}")
 
 
