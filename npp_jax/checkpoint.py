@@ -14,7 +14,6 @@ All paths go through etils.epath, so local paths and gs:// behave the same.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -246,10 +245,6 @@ def restore_params(workdir: epath.PathLike, target: Any, *, use_ema: bool = Fals
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
   return restored[key]
-
-
-def param_bytes(tree: Any) -> int:
-  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 class _SigtermFlag:
