@@ -1,7 +1,7 @@
 """Tests for npp_jax.model: sizes, config validation, causality, NTP equivalence, reference parity.
 
 Parity uses the PyTorch fixture `tests/fixtures/llamagen_gpt_tiny.npz` (see
-/work/shared/fixtures/README.md section 1): logits, losses, patch means and greedy CFG generation.
+tests/fixtures/README.md, section 1): logits, losses, patch means and greedy CFG generation.
 """
 import dataclasses
 import functools
