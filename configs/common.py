@@ -82,8 +82,8 @@ def get_config(arg=None):
 
   # XLA options of the compiled train and eval steps when they are compiled for TPU (ignored on
   # CPU/GPU). XLA's windowed collective matmuls (all-gather / reduce-scatter decomposed into a
-  # loop of partial matmuls) cost more HBM traffic than they hide for these models: off
-  # (python -m npp_jax.aot, NPP-XL on v5p-64: estimated MFU at p = 2 from ~23% to 47%).
+  # loop of partial matmuls) cost more HBM traffic than they hide for these models: off (the
+  # figures are in README, "Making the TPU programs good").
   c.tpu_compiler_options = ml_collections.ConfigDict({
       "xla_tpu_enable_windowed_einsum_for_all_gather": False,
       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False})

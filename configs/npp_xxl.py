@@ -12,5 +12,5 @@ def get_config(arg=None):
   c.model.variant = "XXL"
   c.global_batch_size = 512  # lr 1e-4 per 256 -> 2e-4, as LlamaGen-XXL.
   c.sample.cfg_scale = 1.65
-  c.model.remat = "none"  # fits v5p's HBM without remat (python -m npp_jax.aot; README).
+  c.model.remat = "none"  # fits v5p's HBM without remat (python -m npp_jax.aot; README "Cost").
   return c
