@@ -23,7 +23,7 @@ import subprocess
 import sys
 from typing import Mapping
 
-_PLATFORM = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}  # runtime -> jax.default_backend()
+_PLATFORM = {"cpu": "cpu", "gpu": "gpu", "tpu": "tpu"}  # runtime -> platform of jax's devices
 _EXTRA = {"gpu": "cuda12", "tpu": "tpu"}  # runtime -> setup.py extra with its jax plugin
 
 
@@ -52,7 +52,9 @@ def detect_runtime(env: Mapping[str, str] | None = None) -> str:
 
 def installed_jax(python: str = sys.executable) -> Jax | None:
   """The jax of `python` and the backend it picks, or None when it has none that imports."""
-  code = "import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.default_backend())"
+  # The platform of the interpreter's default devices: what a program would run on there.
+  code = ("import jax, jaxlib; "
+          "print(jax.__version__, jaxlib.__version__, jax.devices()[0].platform)")
   probe = subprocess.run([python, "-c", code], capture_output=True, text=True, check=False)
   if probe.returncode != 0 or not probe.stdout.split():
     return None

@@ -496,18 +496,3 @@ def test_dead_peer_process_stops_the_survivor(shards, tmp_path):
   assert rc != 0, log0[-3000:]
   assert elapsed < 60, log0[-3000:]
   assert re.search(r"Gloo .* failed|heartbeat|another task died", log0), log0[-3000:]
-
-
-def test_keys_added_to_npp_jax_since_a_run_started_are_not_changes():
-  """A workdir saved before a config key existed resumes: the key's default keeps the earlier
-  behaviour (e.g. optim.schedule, tpu_compiler_options)."""
-  from npp_jax import config_lib
-  from configs import smoke
-  cfg = smoke.get_config()
-  saved = json.loads(cfg.to_json_best_effort())
-  del saved["optim"]["schedule"]
-  del saved["model"]["kernels"]
-  saved["optim"]["a_removed_key"] = 1
-  assert config_lib.resume_changes(saved, cfg) == []
-  saved["optim"]["lr"] = 0.5
-  assert [k for k, _, _ in config_lib.resume_changes(saved, cfg)] == ["optim.lr"]
