@@ -106,10 +106,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
   tx = optim.make_optimizer(config, schedule, spe)
   lr_fn = optim.learning_rate(config, schedule, spe)
 
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(model_cfg,
-                                                                           rngs=nnx.Rngs(0))))
-  param_sh = sharding.state_shardings(params, mesh)
-  params = _abstract(params, param_sh)
+  graphdef, params = sharding.abstract_sharded(
+      lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(0)), mesh)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
   opt_state = _abstract(jax.eval_shape(tx.init, params),
                         train.optimizer_shardings(tx, params, param_sh, mesh))
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
@@ -148,8 +147,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *, programs=PROGRAMS,
 def _sample_program(config, model_cfg, mesh, batch: int) -> Program:
   from npp_jax import sample
   cfg = dataclasses.replace(model_cfg, **sample.NO_DROPOUT)
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
-  state = _abstract(state, sharding.state_shardings(state, mesh))
+  graphdef, state = sharding.abstract_sharded(
+      lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh)
   opts = sample.SamplingOptions(**sample.options_from_config(config)).validate()
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding.batch_sharding(mesh))
   key = jax.eval_shape(lambda: jax.random.key(0))

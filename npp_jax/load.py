@@ -91,14 +91,13 @@ def _stored_model_cfg(config: ml_collections.ConfigDict | None, stored: dict | N
 
 def _abstract_state(cfg: model_lib.ModelConfig, mesh: jax.sharding.Mesh | None):
   """(graphdef, state of ShapeDtypeStructs carrying the mesh's shardings, or device 0's)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))))
-  if mesh is None:
-    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), state)
-  else:
-    shardings = sharding.state_shardings(state, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       state, shardings)
-  return graphdef, state
+  ctor = lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0))
+  if mesh is not None:
+    return sharding.abstract_sharded(ctor, mesh)
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  device0 = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return graphdef, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device0),
+                                state)
 
 
 def _workdir_config(path: epath.Path) -> ml_collections.ConfigDict:

@@ -109,15 +109,22 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
     return nnx.get_named_sharding(abstract_state, mesh)
 
 
+def abstract_sharded(ctor: Callable[[], Any], mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(graphdef, state) of the nnx object `ctor` builds, without allocating it: every leaf a
+  jax.ShapeDtypeStruct carrying its sharding on `mesh` (restore targets, ahead-of-time compiles)."""
+  graphdef, state = nnx.split(nnx.eval_shape(ctor))
+  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                state, state_shardings(state, mesh))
+
+
 def create_sharded(ctor: Callable[[], Any], mesh: jax.sharding.Mesh) -> Any:
   """Builds the nnx object(s) returned by `ctor` with every variable created directly sharded.
 
   The constructor runs under jit with out_shardings from the logical axis names, so a parameter
   never exists unsharded (XXL fits wherever its shards fit).
   """
-  abstract = nnx.eval_shape(ctor)
-  graphdef, abstract_state = nnx.split(abstract)
-  shardings = state_shardings(abstract_state, mesh)
+  graphdef, abstract_state = abstract_sharded(ctor, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
 
   @jax.jit
   def init():
