@@ -226,21 +226,28 @@ def _remat_policy(name: str):
   }[name]
 
 
-def qkv_projection(p: dict, h_BxLxD: jax.Array, table_Lx2: jax.Array, dtype,
-                   kern: str) -> tuple[jax.Array, ...]:
-  """q, k (RoPE applied) and v of one layer: q_BxLxHxE, k_BxLxJxE, v_BxLxJxE."""
-  h = h_BxLxD.astype(dtype)
-  q = kernels.dense(h, p["wq"].astype(dtype), 1, kern)
-  k = kernels.dense(h, p["wk"].astype(dtype), 1, kern)
-  v = kernels.dense(h, p["wv"].astype(dtype), 1, kern)
-  return patching.apply_rope(q, table_Lx2), patching.apply_rope(k, table_Lx2), v
+def block(cfg: ModelConfig, kern: str, p: dict, x_BxLxD: jax.Array, rope_table: jax.Array,
+          attend, rngs: tuple[jax.Array | None, jax.Array | None] = (None, None)):
+  """The transformer block: the one definition, used by the training scan and by KV-cache decoding.
 
+  Pre-norm attention with RoPE on q and k, then a pre-norm SwiGLU FFN, each added to the float32
+  residual stream (with dropout when `rngs` are given). The two phases differ only in `attend`:
 
-def block_tail(p: dict, cfg: ModelConfig, x_BxLxD: jax.Array, attn_BxLxHxE: jax.Array,
-               rngs: tuple[jax.Array | None, jax.Array | None], kern: str) -> jax.Array:
-  """Output projection + residual, then the SwiGLU FFN + residual."""
+    attend(q_BxLxHxE, k_BxLxJxE, v_BxLxJxE) -> (attn_BxLxHxE, aux)
+
+  training passes causal attention over the L positions themselves (aux None); decoding
+  (`npp_jax/decode.py`) writes k and v into its cache and attends over the cache (aux = the
+  layer's updated cache). `p` holds one layer's weights in the model's layouts (the decoder slices
+  and casts them once, outside its loop); `rope_table` is L x K x 2 (shared by every row) or
+  B x L x K x 2 (a position per row). Returns (x_BxLxD, aux).
+  """
   dtype = DTYPES[cfg.dtype]
-  o = kernels.dense(attn_BxLxHxE.astype(dtype), p["wo"].astype(dtype), 2, kern)
+  h = rms_norm(x_BxLxD, p["attention_norm"], cfg.norm_eps).astype(dtype)
+  q = patching.apply_rope(kernels.dense(h, p["wq"].astype(dtype), 1, kern), rope_table)
+  k = patching.apply_rope(kernels.dense(h, p["wk"].astype(dtype), 1, kern), rope_table)
+  v = kernels.dense(h, p["wv"].astype(dtype), 1, kern)
+  attn, aux = attend(q, k, v)
+  o = kernels.dense(attn.astype(dtype), p["wo"].astype(dtype), 2, kern)
   x = x_BxLxD + _dropout(o, cfg.resid_dropout, rngs[0]).astype(jnp.float32)
   x = _constrain(x, ("act_batch", "act_seq", "act_embed"))
   h = rms_norm(x, p["ffn_norm"], cfg.norm_eps).astype(dtype)
@@ -249,18 +256,15 @@ def block_tail(p: dict, cfg: ModelConfig, x_BxLxD: jax.Array, attn_BxLxHxE: jax.
   a = _constrain(jax.nn.silu(g) * u, ("act_batch", "act_seq", "act_mlp"))
   y = kernels.dense(a, p["w2"].astype(dtype), 1, kern)
   x = x + _dropout(y, cfg.ffn_dropout, rngs[1]).astype(jnp.float32)
-  return _constrain(x, ("act_batch", "act_seq", "act_embed"))
+  return _constrain(x, ("act_batch", "act_seq", "act_embed")), aux
 
 
-def _block(cfg: ModelConfig, kern: str, table_Lx2: jax.Array, x_BxLxD: jax.Array, p: dict,
-           rng: jax.Array | None) -> jax.Array:
-  """One pre-norm block on the full sequence with causal attention (kernel set `kern`)."""
-  dtype = DTYPES[cfg.dtype]
-  h = rms_norm(x_BxLxD, p["attention_norm"], cfg.norm_eps)
-  q, k, v = qkv_projection(p, h, table_Lx2, dtype, kern)
-  attn = kernels.causal_attention(q, k, v, kern)
+def _train_block(cfg: ModelConfig, kern: str, table_LxKx2: jax.Array, x_BxLxD: jax.Array, p: dict,
+                 rng: jax.Array | None) -> jax.Array:
+  """`block` on the full sequence with causal attention: the layer scan's body."""
+  causal = lambda q, k, v: (kernels.causal_attention(q, k, v, kern), None)
   rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-  return block_tail(p, cfg, x_BxLxD, attn, rngs, kern)
+  return block(cfg, kern, p, x_BxLxD, table_LxKx2, causal, rngs)[0]
 
 
 def layer_params(layers: Layers) -> dict[str, jax.Array]:
@@ -339,7 +343,7 @@ class Transformer(nnx.Module):
     x = _constrain(x, ("act_batch", "act_seq", "act_embed"))
     table = jnp.asarray(self.rope(patch_size)[: x.shape[1]])
     kern = kernels.resolve(cfg.kernels)  # from the devices this program is compiled for.
-    body = lambda carry, xs: (_block(cfg, kern, table, carry, *xs), None)
+    body = lambda carry, xs: (_train_block(cfg, kern, table, carry, *xs), None)
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=_remat_policy(cfg.remat), prevent_cse=False)
     keys = None if k_layers is None else jax.random.split(k_layers, cfg.n_layer)

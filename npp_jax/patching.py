@@ -154,13 +154,17 @@ def rope_table(head_dim: int, grid_size: int, *, patch_size: int = 1, base: floa
   return np.concatenate([cls, table], axis=0)
 
 
-def apply_rope(x_BxLxHxE: jax.Array, table_Lx2: jax.Array) -> jax.Array:
-  """Rotates interleaved pairs (x[2i], x[2i+1]) of every head by the table's angles (float32)."""
+def apply_rope(x_BxLxHxE: jax.Array, table: jax.Array) -> jax.Array:
+  """Rotates interleaved pairs (x[2i], x[2i+1]) of every head by the table's angles (float32).
+
+  `table` is L x K x 2 (cos, sin of K = E/2 angles per position, the same for every row) or
+  B x L x K x 2 (each row at its own positions, as in speculative decoding)."""
   x = x_BxLxHxE.astype(jnp.float32)
   *lead, e = x.shape
   x = x.reshape(*lead, e // 2, 2)
-  cos = table_Lx2[None, :, None, :, 0]
-  sin = table_Lx2[None, :, None, :, 1]
+  table_BxLxKx2 = table if table.ndim == 4 else table[None]
+  cos = table_BxLxKx2[:, :, None, :, 0]
+  sin = table_BxLxKx2[:, :, None, :, 1]
   x0, x1 = x[..., 0], x[..., 1]
   out = jnp.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
   return out.reshape(*lead, e).astype(x_BxLxHxE.dtype)
