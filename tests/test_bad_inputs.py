@@ -22,6 +22,7 @@ from array_record.python import array_record_module
 import numpy as np
 import pytest
 
+from naming import raises_naming
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import config_lib, convert, data, train
 from npp_jax import model as model_lib
@@ -52,15 +53,14 @@ def config(shards, **overrides):
   return smoke_config(shards, **{"data.eval_split": "", **overrides})
 
 
-def expect_error(cfg, workdir, exc, *patterns, max_steps=None, allow_config_change=False):
-  """Runs the trainer on `workdir` expecting `exc` whose message matches every regex in
-  `patterns`; asserts the checkpoints there are byte-identical afterwards. Returns the error."""
+def expect_error(cfg, workdir, exc, *names, max_steps=None, allow_config_change=False):
+  """Runs the trainer on `workdir` expecting `exc` whose message names each of `names` (config
+  keys, values, files: see `raises_naming`); asserts the checkpoints there are byte-identical
+  afterwards. Returns the error."""
   before = tree_hash(workdir / "checkpoints") if (workdir / "checkpoints").exists() else None
-  with pytest.raises(exc) as err:
+  with raises_naming(exc, *names) as err:
     train.train_and_evaluate(cfg, str(workdir), max_steps=max_steps,
                              allow_config_change=allow_config_change)
-  for p in patterns:
-    assert re.search(p, str(err.value)), f"{p!r} not in: {err.value}"
   if before is not None:
     assert tree_hash(workdir / "checkpoints") == before, "the checkpoint was modified"
   return err.value
@@ -68,75 +68,69 @@ def expect_error(cfg, workdir, exc, *patterns, max_steps=None, allow_config_chan
 
 # ------------------------------------------------------------------------------- config values
 
+# Each case: config overrides, and what the error must name (the key(s) and the bad value(s)).
 CONFIG_CASES = {
     "batch_not_divisible_by_devices": ({"global_batch_size": 12},
-                                       r"config\.global_batch_size=12 is not divisible by the "
-                                       r"data x fsdp devices \(8\)"),
-    "batch_zero": ({"global_batch_size": 0}, r"config\.global_batch_size=0 must be >= 1"),
-    "patch_not_dividing_grid": ({"npp.patch_sizes": (3, 1)},
-                                r"patch size of level 0=3 does not divide the 16x16"),
-    "levels_beyond_grid": ({"npp.num_levels": 6, "npp.epochs": 300},
-                           r"patch size of level 0=32 does not divide the 16x16"),
+                                       ("config.global_batch_size", 12, "fsdp", 8)),
+    "batch_zero": ({"global_batch_size": 0}, ("config.global_batch_size", 0)),
+    "patch_not_dividing_grid": ({"npp.patch_sizes": (3, 1)}, ("level 0", 3, "16x16")),
+    "levels_beyond_grid": ({"npp.num_levels": 6, "npp.epochs": 300}, ("level 0", 32, "16x16")),
     "levels_beyond_epochs": ({"npp.num_levels": 4},
-                             r"npp\.epochs=4, npp\.num_levels=4.* give empty segments"),
-    "lambda_above_one": ({"npp.segment_factor": 1.5}, r"npp\.segment_factor=1\.5 must lie in \(0, 1\)"),
-    "lambda_zero": ({"npp.segment_factor": 0.0}, r"npp\.segment_factor=0\.0 must lie in \(0, 1\)"),
+                             ("npp.epochs", "npp.num_levels", 4, "npp.segment_factor")),
+    "lambda_above_one": ({"npp.segment_factor": 1.5}, ("npp.segment_factor", 1.5)),
+    "lambda_zero": ({"npp.segment_factor": 0.0}, ("npp.segment_factor", 0.0)),
     "fractions_not_summing_to_one": ({"npp.patch_sizes": (2, 1), "npp.fractions": (0.5, 0.6)},
-                                     r"npp\.fractions \(0\.5, 0\.6\) must be positive and sum to 1"),
+                                     ("npp.fractions", (0.5, 0.6))),
     "fractions_without_patch_sizes": ({"npp.fractions": (0.3, 0.7)},
-                                      r"config\.npp\.fractions=\(0\.3, 0\.7\) is set but "
-                                      r"config\.npp\.patch_sizes is not"),
-    "zero_epochs": ({"npp.epochs": 0}, r"config\.npp\.epochs=0 must be >= 1"),
-    "unknown_variant": ({"model.variant": "Q"}, r"config\.model\.variant='Q' is unknown"),
-    "dropout_one": ({"model.resid_dropout": 1.0}, r"model\.resid_dropout=1\.0 must lie in \[0, 1\)"),
-    "unknown_dtype": ({"model.dtype": "float16"}, r"model\.dtype='float16' must be one of"),
-    "unknown_remat": ({"model.remat": "everything"}, r"model\.remat='everything' must be one of"),
+                                      ("config.npp.fractions", (0.3, 0.7),
+                                       "config.npp.patch_sizes")),
+    "zero_epochs": ({"npp.epochs": 0}, ("config.npp.epochs", 0)),
+    "unknown_variant": ({"model.variant": "Q"}, ("config.model.variant", "'Q'")),
+    "dropout_one": ({"model.resid_dropout": 1.0}, ("model.resid_dropout", 1.0)),
+    "unknown_dtype": ({"model.dtype": "float16"}, ("model.dtype", "'float16'")),
+    "unknown_remat": ({"model.remat": "everything"}, ("model.remat", "'everything'")),
     "kv_heads_not_dividing_heads": ({"model.n_kv_head": 3},
-                                    r"model\.n_head=4 is not a multiple of model\.n_kv_head=3"),
-    "head_dim_breaks_2d_rope": ({"model.dim": 72}, r"head_dim 18 must be a multiple of 4"),
-    "mesh_not_dividing_devices": ({"mesh.tensor": 3}, r"config\.mesh .* does not divide 8 devices"),
+                                    ("model.n_head", 4, "model.n_kv_head", 3)),
+    "head_dim_breaks_2d_rope": ({"model.dim": 72},
+                                ("config.model.dim", "config.model.n_head", "head_dim", 18)),
+    "mesh_not_dividing_devices": ({"mesh.tensor": 3}, ("config.mesh", "'tensor': 3", 8)),
     "mesh_needs_more_devices": ({"mesh.data": 2, "mesh.fsdp": 8},
-                                r"config\.mesh .* needs 16 devices, but 8 are present"),
-    "mesh_unknown_axis": ({"mesh.pipeline": 2}, r"config\.mesh has unknown axes \['pipeline'\]"),
-    "mesh_zero_axis": ({"mesh.data": 0}, r"config\.mesh\.data=0 must be a positive size or -1"),
+                                ("config.mesh", "'data': 2", "'fsdp': 8", 16)),
+    "mesh_unknown_axis": ({"mesh.pipeline": 2}, ("config.mesh", ['pipeline'])),
+    "mesh_zero_axis": ({"mesh.data": 0}, ("config.mesh.data", 0)),
     "heads_not_split_by_tensor": ({"mesh.fsdp": 1, "mesh.tensor": 8},
-                                  r"config\.model\.n_head=4 is not divisible by the 'tensor' mesh "
-                                  r"axis \(config\.mesh\.tensor resolves to 8\)"),
+                                  ("config.model.n_head", 4, "config.mesh.tensor", 8)),
     "vocab_not_split_by_tensor": ({"mesh.fsdp": 4, "mesh.tensor": 2, "model.vocab_size": 65},
-                                  r"config\.model\.vocab_size=65 is not divisible by the 'tensor'"),
+                                  ("config.model.vocab_size", 65, "config.mesh.tensor", 2)),
     "dim_not_split_by_fsdp": ({"model.dim": 68, "model.n_head": 1},
-                              r"config\.model\.dim=68 is not divisible by the 'fsdp' mesh axis "
-                              r"\(config\.mesh\.fsdp resolves to 8\)"),
-    "negative_lr": ({"optim.lr": -1.0}, r"config\.optim\.lr=-1\.0 must be finite and > 0"),
-    "nan_lr": ({"optim.lr": float("nan")}, r"config\.optim\.lr=nan must be finite and > 0"),
-    "b2_one": ({"optim.b2": 1.0}, r"config\.optim\.b2=1\.0 must lie in \[0, 1\)"),
-    "zero_grad_clip": ({"optim.grad_clip": 0.0}, r"config\.optim\.grad_clip=0\.0 must be finite"),
-    "negative_warmup": ({"optim.warmup_epochs": -1.0},
-                        r"config\.optim\.warmup_epochs=-1\.0 must be finite and >= 0"),
-    "keep_zero_checkpoints": ({"ckpt.keep": 0}, r"config\.ckpt\.keep=0 must be >= 1"),
-    "log_every_zero": ({"log_every_steps": 0}, r"config\.log_every_steps=0 must be >= 1"),
-    "negative_sample_every": ({"sample_every_steps": -1},
-                              r"config\.sample_every_steps=-1 must be >= 0"),
+                              ("config.model.dim", 68, "config.mesh.fsdp", 8)),
+    "negative_lr": ({"optim.lr": -1.0}, ("config.optim.lr", -1.0)),
+    "nan_lr": ({"optim.lr": float("nan")}, ("config.optim.lr", "nan")),
+    "b2_one": ({"optim.b2": 1.0}, ("config.optim.b2", 1.0)),
+    "zero_grad_clip": ({"optim.grad_clip": 0.0}, ("config.optim.grad_clip", 0.0)),
+    "negative_warmup": ({"optim.warmup_epochs": -1.0}, ("config.optim.warmup_epochs", -1.0)),
+    "keep_zero_checkpoints": ({"ckpt.keep": 0}, ("config.ckpt.keep", 0)),
+    "log_every_zero": ({"log_every_steps": 0}, ("config.log_every_steps", 0)),
+    "negative_sample_every": ({"sample_every_steps": -1}, ("config.sample_every_steps", -1)),
     "sampling_without_decoder": ({"sample_every_steps": 2},
-                                 r"config\.sample_every_steps=2 needs config\.sample\.vq_checkpoint"),
-    "negative_seed": ({"seed": -1}, r"config\.seed=-1 must be an int >= 0"),
-    "zero_eval_batches": ({"eval_batches": 0}, r"config\.eval_batches=0"),
-    "negative_profile_steps": ({"profile_steps": -2}, r"config\.profile_steps=-2"),
-    "unknown_builtin_data": ({"data.builtin": "mnist"}, r"config\.data\.builtin='mnist' must be"),
-    "empty_data_path": ({"data.path": ""}, r"config\.data\.path is empty"),
-    "negative_workers": ({"data.num_workers": -1}, r"config\.data\.num_workers=-1 must be >= 0"),
+                                 ("config.sample_every_steps", 2, "config.sample.vq_checkpoint")),
+    "negative_seed": ({"seed": -1}, ("config.seed", -1)),
+    "zero_eval_batches": ({"eval_batches": 0}, ("config.eval_batches", 0)),
+    "negative_profile_steps": ({"profile_steps": -2}, ("config.profile_steps", -2)),
+    "unknown_builtin_data": ({"data.builtin": "mnist"}, ("config.data.builtin", "'mnist'")),
+    "empty_data_path": ({"data.path": ""}, ("config.data.path",)),
+    "negative_workers": ({"data.num_workers": -1}, ("config.data.num_workers", -1)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CONFIG_CASES))
 def test_bad_config_value(shards, workdir, name):
-  overrides, pattern = CONFIG_CASES[name]
-  expect_error(config(shards, **overrides), workdir, ValueError, pattern)
+  overrides, names = CONFIG_CASES[name]
+  expect_error(config(shards, **overrides), workdir, ValueError, *names)
 
 
 def test_batch_not_divisible_by_processes(shards):
-  with pytest.raises(ValueError, match=r"config\.global_batch_size=8 is not divisible by the "
-                                       r"process count \(3\)"):
+  with raises_naming(ValueError, "config.global_batch_size", 8, "process count", 3):
     config_lib.validate(config(shards), num_devices=8, process_count=3)
 
 
@@ -158,31 +152,30 @@ def _edit_metadata(path, fn):
 
 def test_data_path_missing(shards, workdir, tmp_path):
   expect_error(config(str(tmp_path / "nowhere")), workdir, data.ShardError,
-               re.escape(str(tmp_path / "nowhere" / "metadata.json")) + r": missing")
+               tmp_path / "nowhere" / "metadata.json")
 
 
-@pytest.mark.parametrize("damage,pattern", [
-    ("delete", "missing shard file"), ("empty", "empty shard file"),
-    ("truncate", r"not a readable ArrayRecord file \(truncated or corrupt\)")])
-def test_damaged_shard_file(workdir, bad_shards, damage, pattern):
+@pytest.mark.parametrize("damage,names", [
+    ("delete", ()), ("empty", ()), ("truncate", ("ArrayRecord",))])
+def test_damaged_shard_file(workdir, bad_shards, damage, names):
   path = bad_shards / TRAIN_FILE
   if damage == "delete":
     path.unlink()
   else:
     path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:-500])
-  expect_error(config(str(bad_shards)), workdir, data.ShardError,
-               re.escape(str(path)) + ": " + pattern)
+  expect_error(config(str(bad_shards)), workdir, data.ShardError, path, *names)
 
 
 def test_metadata_not_json(workdir, bad_shards):
   (bad_shards / data.METADATA_FILE).write_text('{"grid_size": 16,')
-  expect_error(config(str(bad_shards)), workdir, data.ShardError, r"metadata\.json: not valid JSON")
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               bad_shards / data.METADATA_FILE, "JSON")
 
 
 def test_metadata_wrong_field_type(workdir, bad_shards):
   _edit_metadata(bad_shards, lambda m: m.update(vocab_size="64"))
   expect_error(config(str(bad_shards)), workdir, data.ShardError,
-               r"metadata\.json: field 'vocab_size' must be an int >= 1, got '64'")
+               bad_shards / data.METADATA_FILE, "'vocab_size'", "'64'")
 
 
 def test_metadata_record_count_disagrees_with_file(workdir, bad_shards):
@@ -191,36 +184,35 @@ def test_metadata_record_count_disagrees_with_file(workdir, bad_shards):
     m["splits"]["train"]["num_records"] = 65
   _edit_metadata(bad_shards, edit)
   expect_error(config(str(bad_shards)), workdir, data.ShardError,
-               TRAIN_FILE + r": holds 64 records but metadata\.json says 65")
+               bad_shards / TRAIN_FILE, 64, 65, data.METADATA_FILE)
 
 
 def test_missing_train_split(shards, workdir):
   expect_error(config(shards, **{"data.train_split": "training"}), workdir, data.ShardError,
-               r"no split 'training'; splits are \['train', 'validation'\]")
+               "'training'", ['train', 'validation'])
 
 
 def test_data_vocab_larger_than_model(shards, workdir):
   expect_error(config(shards, **{"model.vocab_size": 32}), workdir, ValueError,
-               r"holds vocab 64 .*config\.model\.vocab_size=32")
+               "config.data.path", 64, "config.model.vocab_size", 32)
 
 
 def test_builtin_data_vocab_differs_from_model(shards, tmp_path):
   """The built-in digits (vocab 16) with the smoke model's vocab 64: its palette could not draw
   the samples, so set-up refuses before compiling."""
   expect_error(config(shards, **{"data.builtin": "digits"}), tmp_path / "w", ValueError,
-               r"config\.model\.vocab_size=64 must equal the vocabulary \(16\) of "
-               r"config\.data\.builtin='digits'")
+               "config.model.vocab_size", 64, 16, "config.data.builtin", "'digits'")
 
 
 def test_data_grid_differs_from_model(shards, workdir):
   expect_error(config(shards, **{"model.grid_size": 8}), workdir, ValueError,
-               r"holds 16x16 token grids but config\.model\.grid_size=8")
+               "config.data.path", "16x16", "config.model.grid_size", 8)
 
 
 def test_batch_larger_than_dataset(shards, workdir):
   expect_error(config(shards, **{"global_batch_size": 128, "data.steps_per_epoch": -1}), workdir,
                ValueError,
-               r"config\.global_batch_size=128 exceeds the 64 training records")
+               "config.global_batch_size", 128, 64)
 
 
 def _records_of_batch(shards, batch_index):
@@ -251,16 +243,15 @@ def _rewrite_record(path, index, label=None, token=None):
   writer.close()
 
 
-@pytest.mark.parametrize("what,pattern", [
-    ("token", rf"token id {VOCAB} outside \[0, vocab_size={VOCAB}\)"),
-    ("label", r"label 10 outside \[0, num_classes=10\)")])
-def test_bad_record_met_during_training(shards, workdir, bad_shards, what, pattern):
+@pytest.mark.parametrize("what,names", [
+    ("token", (VOCAB, f"vocab_size={VOCAB}")), ("label", (10, "num_classes=10"))])
+def test_bad_record_met_during_training(shards, workdir, bad_shards, what, names):
   """The workdir resumes at step 2; one record of the batch of step 2 is bad: the error names the
   file and record, and stops the run before it saves anything."""
   index = _records_of_batch(shards, 2)[3]
   _rewrite_record(bad_shards / TRAIN_FILE, index, **{what: VOCAB if what == "token" else 10})
   expect_error(config(str(bad_shards)), workdir, data.ShardError,
-               re.escape(str(bad_shards / TRAIN_FILE)) + rf": record {index}: " + pattern)
+               bad_shards / TRAIN_FILE, f"record {index}", *names)
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -268,9 +259,7 @@ def test_bad_record_met_during_training(shards, workdir, bad_shards, what, patte
 def test_resume_with_a_config_that_changes_the_run_is_refused(shards, workdir):
   saved = (workdir / "config.json").read_bytes()
   expect_error(config(shards, **{"optim.lr": 0.2, "seed": 3}), workdir, ValueError,
-               r"resuming .* at step 2 with a config that changes the run",
-               r"optim\.lr: saved 0\.1, now 0\.2", r"seed: saved 0, now 3",
-               r"--allow_config_change")
+               workdir, "optim.lr", 0.1, 0.2, "seed", 3, "--allow_config_change")
   assert (workdir / "config.json").read_bytes() == saved  # the refused run changed nothing
 
 
@@ -294,21 +283,16 @@ def test_allow_config_change_resumes_and_keeps_the_earlier_config(shards, workdi
 
 
 def test_resume_with_another_model_size(shards, workdir):
-  err = expect_error(config(shards, **{"model.dim": 128}), workdir,
-                     ckpt_lib.CheckpointMismatchError,
-                     r"checkpoint .*checkpoints/2 does not match the model",
-                     r"shape mismatch for params/tok_embeddings/embedding.*: checkpoint \(64, 64\), "
-                     r"model \(64, 128\)")
-  assert "another model size" in str(err)
+  expect_error(config(shards, **{"model.dim": 128}), workdir, ckpt_lib.CheckpointMismatchError,
+               workdir / "checkpoints" / "2", "params/tok_embeddings/embedding", (64, 64),
+               (64, 128))
 
 
 def test_damaged_latest_checkpoint(shards, workdir):
   wd = workdir
   manifest = wd / "checkpoints" / "2" / "state" / "manifest.ocdbt"
   manifest.write_bytes(manifest.read_bytes()[:20])
-  expect_error(config(shards), wd, ckpt_lib.CheckpointReadError,
-               re.escape(str(wd / "checkpoints" / "2")) + r" cannot be read",
-               r"resume from an earlier step")
+  expect_error(config(shards), wd, ckpt_lib.CheckpointReadError, wd / "checkpoints" / "2")
 
 
 def test_init_from_params_of_another_size(shards, tmp_path):
@@ -319,15 +303,13 @@ def test_init_from_params_of_another_size(shards, tmp_path):
   before = tree_hash(tmp_path / "small")
   expect_error(config(shards, **{"ckpt.init_from": str(tmp_path / "small")}), tmp_path / "w",
                ckpt_lib.CheckpointMismatchError,
-               r"params checkpoint .*small/params does not match the model",
-               r"shape mismatch for .*tok_embeddings/embedding.*: checkpoint \(64, 32\), "
-               r"model \(64, 64\)")
+               tmp_path / "small" / "params", "tok_embeddings/embedding", (64, 32), (64, 64))
   assert tree_hash(tmp_path / "small") == before
 
 
 def test_init_from_missing(shards, tmp_path):
   expect_error(config(shards, **{"ckpt.init_from": str(tmp_path / "nope")}), tmp_path / "w",
-               FileNotFoundError, r"no params checkpoint at .*nope/params")
+               FileNotFoundError, tmp_path / "nope" / "params")
 
 
 def test_converter_key_and_shape_mismatch():
@@ -338,12 +320,9 @@ def test_converter_key_and_shape_mismatch():
   del sd["layers.3.ffn_norm.weight"]
   sd["norm.weight"] = np.zeros(7, np.float32)
   sd["layers.0.attention.wqkv.bias"] = np.zeros(2304, np.float32)
-  with pytest.raises(convert.ConversionError) as err:
+  with raises_naming(convert.ConversionError, "layers.3.ffn_norm.weight", (768,), "norm.weight",
+                     (7,), "layers.0.attention.wqkv.bias", (2304,)):
     convert.load_gpt(sd, variant="B")
-  msg = str(err.value)
-  assert "missing key layers.3.ffn_norm.weight (expected shape (768,))" in msg
-  assert "shape mismatch for norm.weight: got (7,), expected (768,)" in msg
-  assert "unexpected key layers.0.attention.wqkv.bias (shape (2304,))" in msg
 
 
 # ------------------------------------------------------------------------------- workdir
@@ -351,14 +330,14 @@ def test_converter_key_and_shape_mismatch():
 def test_workdir_is_a_file(shards, tmp_path):
   path = tmp_path / "file"
   path.write_text("not a directory")
-  with pytest.raises(OSError, match=re.escape(str(path))):
+  with raises_naming(OSError, path):
     train.train_and_evaluate(config(shards), str(path))
   assert path.read_text() == "not a directory"
 
 
 def test_workdir_under_a_file(shards, tmp_path):
   (tmp_path / "file").write_text("x")
-  with pytest.raises(OSError, match=re.escape(str(tmp_path / "file"))):
+  with raises_naming(OSError, tmp_path / "file"):
     train.train_and_evaluate(config(shards), str(tmp_path / "file" / "run"))
 
 
@@ -368,7 +347,7 @@ def test_workdir_in_read_only_directory(shards, tmp_path):
   ro.mkdir()
   ro.chmod(0o500)
   try:
-    with pytest.raises(OSError, match=re.escape(str(ro / "run"))):
+    with raises_naming(OSError, ro / "run"):
       train.train_and_evaluate(config(shards), str(ro / "run"))
   finally:
     ro.chmod(0o700)
@@ -378,9 +357,10 @@ def test_workdir_in_read_only_directory(shards, tmp_path):
 
 def test_non_finite_loss_names_the_step_and_keeps_the_checkpoint(shards, workdir):
   err = expect_error(config(shards, **{"optim.lr": 1e38, "ckpt.every_steps": 100}), workdir,
-                     train.NonFiniteLossError, r"non-finite .*at step (\d+)",
-                     r"last good checkpoint \(2\) is kept", allow_config_change=True)
-  assert int(re.search(r"at step (\d+)", str(err)).group(1)) >= 2  # the run resumed at step 2.
+                     train.NonFiniteLossError, "loss", "checkpoint", allow_config_change=True)
+  # The bad step ("step N") and the kept checkpoint (2, where the run resumed) are named.
+  assert int(re.search(r"step (\d+)", str(err)).group(1)) >= 2
+  assert re.search(r"checkpoint\D*\b2\b", str(err)), err
 
 
 def test_non_finite_run_never_saves_non_finite_params(shards, tmp_path):
@@ -414,7 +394,7 @@ def test_pickle_in_a_shard_record_is_just_bytes(workdir, bad_shards, tmp_path):
     writer.write(payload)
   writer.close()
   expect_error(config(str(bad_shards)), workdir, data.ShardError,
-               re.escape(TRAIN_FILE) + r": record \d+: (undecodable|truncated) record")
+               bad_shards / TRAIN_FILE, "record")
   assert not marker.exists()
 
 
@@ -425,11 +405,12 @@ def test_metadata_json_is_parsed_as_json_only(workdir, bad_shards, tmp_path, con
   marker = tmp_path / "pwned"
   if content == "pickle":
     (bad_shards / data.METADATA_FILE).write_bytes(pickle.dumps(_Evil(marker)))
-    pattern = r"metadata\.json: not valid JSON"
+    names = ("JSON",)
   else:
     _edit_metadata(bad_shards, lambda m: m.update(__reduce__=["os.system", "touch " + str(marker)]))
-    pattern = r"metadata\.json: .*unknown fields \['__reduce__'\]"
-  expect_error(config(str(bad_shards)), workdir, data.ShardError, pattern)
+    names = (['__reduce__'],)
+  expect_error(config(str(bad_shards)), workdir, data.ShardError,
+               bad_shards / data.METADATA_FILE, *names)
   assert not marker.exists()
 
 
@@ -440,7 +421,7 @@ def test_hostile_checkpoint_metadata_fails_cleanly(shards, workdir, tmp_path, na
   marker = tmp_path / "pwned"
   (wd / "checkpoints" / "2" / name).write_bytes(pickle.dumps(_Evil(marker)))
   expect_error(config(shards), wd, ckpt_lib.CheckpointReadError,
-               re.escape(str(wd / "checkpoints" / "2" / name)) + r" is not valid JSON")
+               wd / "checkpoints" / "2" / name, "JSON")
   assert not marker.exists()
 
 

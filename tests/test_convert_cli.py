@@ -14,6 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from naming import raises_naming
 from npp_jax import checkpoint
 from npp_jax import convert
 from npp_jax import model as model_lib
@@ -63,7 +64,7 @@ def test_npz_and_safetensors_files(tmp_path, gpt):
   np.savez(tmp_path / "objects.npz", w=np.array([{"a": 1}], dtype=object))
   with pytest.raises(convert.ConversionError, match="objects.npz"):
     convert.read_checkpoint(tmp_path / "objects.npz")
-  with pytest.raises(convert.ConversionError, match="unknown checkpoint suffix '.h5'"):
+  with raises_naming(convert.ConversionError, tmp_path / "weights.h5", "'.h5'"):
     convert.read_checkpoint(tmp_path / "weights.h5")
   with pytest.raises(FileNotFoundError, match="nothing.pt"):
     convert.read_checkpoint(tmp_path / "nothing.pt")
@@ -114,25 +115,25 @@ def test_cli_strict_errors_list_every_key(tmp_path, gpt, capsys):
   path = write_pt(tmp_path / "bad.pt", {"model": _broken(gpt["sd"])})
   code, _, err = run_cli(capsys, "--kind", "gpt", "--src", path, "--dst", tmp_path / "out",
                       "--n_head", 4)
-  assert code == 1 and "3 problems" in err
-  for key in ("missing key layers.0.ffn_norm.weight", "unexpected key layers.0.attention.bias",
-              "shape mismatch for layers.1.feed_forward.w2.weight"):
+  assert code == 1
+  for key in ("layers.0.ffn_norm.weight", "layers.0.attention.bias",
+              "layers.1.feed_forward.w2.weight"):
     assert key in err
   assert not (tmp_path / "out").exists()
   code, _, err = run_cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", tmp_path / "out")
-  assert code == 1 and "pass variant= or n_head=" in err
+  assert code == 1 and "variant=" in err and "n_head=" in err
 
 
 def test_cli_bad_n_head_and_dst_fail_cleanly_before_any_write(tmp_path, capsys):
   for n_head in (0, -4, 3):
     code, _, err = run_cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", tmp_path / "out",
                         "--n_head", n_head)
-    assert code == 1 and f"n_head={n_head} (--n_head)" in err and "width 64" in err
+    assert code == 1 and all(s in err for s in (f"n_head={n_head}", "--n_head", "64")), err
   (tmp_path / "file").write_text("keep me")
-  for dst, says in ((tmp_path / "file", "is an existing file"),
-                    (tmp_path / "file" / "sub" / "out", f"{tmp_path / 'file'} is a file")):
+  for dst in (tmp_path / "file", tmp_path / "file" / "sub" / "out"):
     code, _, err = run_cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", dst, "--n_head", 4)
-    assert code == 1 and f"--dst {dst}" in err and says in err, err
+    assert code == 1 and "--dst" in err and str(dst) in err, err
+  assert err.count(str(tmp_path / "file")) >= 2, err  # the dst, and the file in its way
   assert (tmp_path / "file").read_text() == "keep me"
   assert not (tmp_path / "out").exists()
 
@@ -145,9 +146,9 @@ def test_cli_refuses_to_overwrite_the_other_kind_but_reruns_the_same(tmp_path, g
     path.mkdir()
     (path / "model_config.json").write_text(json.dumps(fields))
   code, _, err = run_cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", vq_dir, "--n_head", 4)
-  assert code == 1 and f"--dst {vq_dir} already holds a converted VQ tokenizer" in err
+  assert code == 1 and "--dst" in err and str(vq_dir / "model_config.json") in err, err
   code, _, err = run_cli(capsys, "--kind", "vq", "--src", TINY_PT, "--dst", gpt_dir)
-  assert code == 1 and f"--dst {gpt_dir} already holds a converted GPT" in err
+  assert code == 1 and "--dst" in err and str(gpt_dir / "model_config.json") in err, err
   assert checkpoint.read_model_config(vq_dir) == vq_fields  # untouched
   # The same kind again (here over a GPT-B conversion) overwrites, as rerunning a command must.
   code, _, err = run_cli(capsys, "--kind", "gpt", "--src", TINY_PT, "--dst", gpt_dir, "--n_head", 4)
@@ -161,11 +162,10 @@ def test_cli_wrong_variant_exits_nonzero_from_the_shell(tmp_path):
        "--dst", str(tmp_path / "out"), "--variant", "B"],
       capture_output=True, text=True, cwd=pathlib.Path(__file__).parents[1], timeout=120)
   assert proc.returncode == 1
-  assert ("variant=B has 12 layers of width 768, but the checkpoint has 2 layers of width 64"
-          in proc.stderr)
+  assert all(s in proc.stderr for s in ("variant=B", "12", "768", "64")), proc.stderr
   with pytest.raises(convert.ConversionError, match="'7X'"):
     convert.convert_checkpoint("gpt", TINY_PT, tmp_path / "out", variant="7X")
-  with pytest.raises(convert.ConversionError, match="kind='gpt' only"):
+  with raises_naming(convert.ConversionError, "variant", "kind='gpt'"):
     convert.convert_checkpoint("vq", TINY_PT, tmp_path / "out", variant="B")
 
 
@@ -190,7 +190,7 @@ def test_cli_vq_round_trip_reproduces_reference_codes(tmp_path, vq_fx, capsys):
   sure = io["code_margin"] >= TAU
   assert sure.mean() > 0.9
   np.testing.assert_array_equal(codes[sure], io["codes"][sure])
-  with pytest.raises(convert.ConversionError, match="does not hold a converted GPT"):
+  with raises_naming(convert.ConversionError, dst, "ModelConfig"):
     convert.load_converted_gpt(dst)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from naming import raises_naming
 from npp_jax import data
 from npp_jax import digits
 
@@ -76,7 +77,7 @@ def test_palette_decode_round_trip(shards):
 def test_palette_decode_rejects_bad_tokens():
   with pytest.raises(ValueError, match=r"\[0, 16\)"):
     digits.palette_decode(np.full((1, 256), 16))
-  with pytest.raises(ValueError, match="shape"):
+  with raises_naming(ValueError, "codes_BxN", (1, 16, 16)):
     digits.palette_decode(np.zeros((1, 16, 16), np.int32))
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from naming import raises_naming
 from npp_jax import config_lib, flops
 from npp_jax.experiments import digits_npp_vs_ntp as exp
 
@@ -100,12 +101,12 @@ def test_finished_runs_are_reused_only_for_the_same_config(tmp_path):
             "sampling": exp._sampling(a, 30), "final_eval_loss": 1.0}
   (run_dir / "result.json").write_text(json.dumps(stored))
   assert exp.train_run(a, run_dir, 30) == stored  # reused: nothing trained or rescored.
-  with pytest.raises(ValueError, match=r"npp_e4 holds a run of another config .*model"):
+  with raises_naming(ValueError, run_dir, "['model']"):  # the differing config section
     exp.train_run(b, run_dir, 30)
   unfinished = epath.Path(tmp_path) / "ntp_e4"
   unfinished.mkdir()
   (unfinished / "config.json").write_text("{}")
-  with pytest.raises(ValueError, match="ntp_e4 holds an unfinished run"):
+  with raises_naming(ValueError, unfinished, "result.json"):
     exp.train_run(exp.run_config("ntp", 4, evals_per_run=2), unfinished, 30)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from naming import raises_naming
 from npp_jax import checkpoint as ckpt_lib
 from npp_jax import convert, hub, load, sample_cli
 from npp_jax import model as model_lib
@@ -66,7 +67,7 @@ def test_parse_names_the_bad_path():
   assert hub.parse("hf://a/b@v1/f.pt") == hub.HubFile("a/b", "f.pt", "v1")
   assert hub.parse("npp-xl").filename == "c2i_XL_256.pt"
   for bad in ("hf://a/b", "hf://a//f.pt", "/local/file.pt"):
-    with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
+    with raises_naming(ValueError, repr(bad), "hf://OWNER/REPO/FILE"):
       hub.parse(bad)
 
 
@@ -137,7 +138,7 @@ def test_a_truncated_download_is_named_and_leaves_no_file(stub):
 
 def test_a_file_that_is_not_what_the_hub_says_is_removed(stub, gpt):
   stub.files[(NPP, "c2i_B_256.pt")].corrupt = True
-  with pytest.raises(hub.HubError, match=r"c2i_B_256.pt: the downloaded file's sha256"):
+  with raises_naming(hub.HubError, "hf://pytttttt/LlamaGen-NPP/c2i_B_256.pt", "sha256"):
     load.load_model("npp-b")
   assert _blobs() == [] and _converted_dirs() == []
   stub.files[(NPP, "c2i_B_256.pt")].corrupt = False  # the hub is fixed: a rerun downloads again
@@ -150,7 +151,7 @@ def test_wrong_files_are_named_and_nothing_corrupt_is_cached(stub):
     load.load_model("hf://pytttttt/LlamaGen-NPP/not_weights.pt")
   assert _blobs() == []  # an unreadable file leaves the download cache too
   # A readable file of the wrong kind: refused by the strict converter, no conversion cached.
-  with pytest.raises(convert.ConversionError, match="not a LlamaGen GPT state dict"):
+  with raises_naming(convert.ConversionError, "GPT", "tok_embeddings.weight"):
     load.load_model(f"hf://{LLAMAGEN}/vq_ds16_c2i.pt")
   assert _converted_dirs() == []
   with pytest.raises(FileNotFoundError, match="hf://pytttttt/LlamaGen-NPP/missing.pt"):
@@ -161,7 +162,7 @@ def test_wrong_files_are_named_and_nothing_corrupt_is_cached(stub):
 
 def test_several_processes_are_told_to_convert_onto_shared_storage(stub, monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  with pytest.raises(ValueError, match="--src npp-b --dst gs://"):
+  with raises_naming(ValueError, "npp-b", "npp_jax.convert", "gs://"):
     load.load_model("npp-b")
   assert stub.requests == []
 

@@ -4,6 +4,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from naming import raises_naming
 from npp_jax import preprocess
 
 
@@ -24,7 +25,7 @@ def test_crop_sizes_and_centre_offsets():
 @given(side=st.integers(1, 600), size=st.integers(1, 600))
 def test_five_crop_boxes_property(side, size):
   if size > side:
-    with pytest.raises(ValueError, match="larger"):
+    with raises_naming(ValueError, size, f"{side}x{side}"):
       preprocess.five_crop_boxes(side, size)
     return
   boxes = preprocess.five_crop_boxes(side, size)
@@ -113,5 +114,5 @@ def test_image_views_counts_and_names():
   assert two.shape == (2, 32, 32, 3)
   np.testing.assert_array_equal(two[1], two[0][:, ::-1])
   assert preprocess.view_names(True, (1.1, 1.05))[9:11] == ["1.1/center_flip", "1.05/tl"]
-  with pytest.raises(ValueError, match="RGB"):
+  with raises_naming(ValueError, "RGB", "'L'"):
     preprocess.image_views(Image.new("L", (40, 40)), 32, (1.1,))

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from naming import raises_naming
 from npp_jax import model as model_lib
 from npp_jax import patching
 from npp_jax import sharding
@@ -73,16 +74,16 @@ def test_mesh_shape_resolves_minus_one():
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
 
 
-@pytest.mark.parametrize("config, key", [
-    ({"model": 2, "fsdp": -1}, "model"),
-    ({"data": 0, "fsdp": -1}, "mesh.data"),
-    ({"tensor": -2, "fsdp": -1}, "mesh.tensor"),
-    ({"data": -1, "fsdp": -1}, "at most one axis"),
-    ({"data": 3, "fsdp": -1}, "'data': 3"),
-    ({"data": 2, "fsdp": 2, "tensor": 1}, "needs 4 devices"),
+@pytest.mark.parametrize("config, names", [
+    ({"model": 2, "fsdp": -1}, ("model",)),
+    ({"data": 0, "fsdp": -1}, ("mesh.data",)),
+    ({"tensor": -2, "fsdp": -1}, ("mesh.tensor",)),
+    ({"data": -1, "fsdp": -1}, ("'data': -1", "'fsdp': -1")),
+    ({"data": 3, "fsdp": -1}, ("'data': 3", 8)),
+    ({"data": 2, "fsdp": 2, "tensor": 1}, ("'data': 2", "'fsdp': 2", 4, 8)),
 ])
-def test_mesh_shape_rejects_bad_shapes_by_name(config, key):
-  with pytest.raises(ValueError, match=key):
+def test_mesh_shape_rejects_bad_shapes_by_name(config, names):
+  with raises_naming(ValueError, *names):
     sharding.mesh_shape(config, 8)
 
 
