@@ -2,7 +2,9 @@
 
 Owns: the model configuration, LlamaGen's named sizes (`VARIANTS`), parameter counting, and the
 transformer itself (RMSNorm, 2D-RoPE attention with optional GQA, SwiGLU FFN, class embedding with
-the null class for classifier-free guidance).
+the null class for classifier-free guidance). `block` is the transformer block, defined once: the
+training scan runs it with causal attention over the sequence, KV-cache decoding
+(`npp_jax/decode.py`) with attention over its cache, so a change to the block is made here only.
 
 Layout choices (all invisible to the math, documented for the converter):
   * Layers are stacked: every per-layer parameter carries a leading `n_layer` axis and the forward

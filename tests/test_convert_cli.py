@@ -156,6 +156,7 @@ def test_cli_refuses_to_overwrite_the_other_kind_but_reruns_the_same(tmp_path, g
   assert_same(pure(convert.load_converted_gpt(gpt_dir)), gpt["params"])
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_cli_wrong_variant_exits_nonzero_from_the_shell(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "npp_jax.convert", "--kind", "gpt", "--src", str(TINY_PT),

@@ -428,6 +428,7 @@ def test_global_batch_on_mesh(shards):
   assert all(s.data.shape == (2, N) for s in batch["codes"].addressable_shards)
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_data_path_never_imports_tensorflow(shards):
   code = (f"import sys; from npp_jax import data; "
           f"it = iter(data.make_train_dataset({str(shards)!r}, split='train', global_batch_size=4,"
