@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import sys
 import time

@@ -170,12 +170,13 @@ RESUMABLE_CHANGES = ("mesh.", "log_every_steps", "eval_every_steps", "sample_eve
                      "sample.")
 
 
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a': {'b': 1}} -> {'a.b': 1}."""
   if not isinstance(d, dict):
     return {prefix[:-1]: d}
   out = {}
   for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}."))
+    out.update(flat_dict(v, f"{prefix}{k}."))
   return out
 
 
@@ -185,7 +186,7 @@ def resume_changes(saved: dict, config: ml_collections.ConfigDict
   differs from the JSON config a workdir's earlier run saved (config.json). Keys only one side
   has (added to or removed from npp_jax since that run) are not changes the user made: their
   defaults keep the earlier behaviour."""
-  old = _flat(saved)
-  new = _flat(json.loads(config.to_json_best_effort(sort_keys=True)))
+  old = flat_dict(saved)
+  new = flat_dict(json.loads(config.to_json_best_effort(sort_keys=True)))
   return [(k, old[k], new[k]) for k in sorted(set(old) & set(new))
           if old[k] != new[k] and not k.startswith(RESUMABLE_CHANGES)]

@@ -34,13 +34,14 @@ import json
 import re
 import struct
 from typing import Any, Mapping
-import uuid
 
 from array_record.python import array_record_module
 from etils import epath
 import grain
 import jax
 import numpy as np
+
+from npp_jax import fileio
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -178,10 +179,10 @@ def decode_record(raw: bytes, meta: ShardMetadata, where: str) -> dict[str, np.n
   return {"label": np.int32(label), "codes": codes_VxN.astype(meta.token_dtype)}
 
 
-def _write_json_atomic(path: epath.Path, obj: Any) -> None:
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(path)
+def check_split_name(split: str) -> None:
+  """Refuses a split name that cannot name shard files (`<split>-NNNNN...`)."""
+  if not _SPLIT_RE.fullmatch(split):
+    raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
 
 
 class ShardWriter:
@@ -195,8 +196,7 @@ class ShardWriter:
   def __init__(self, out_dir: epath.PathLike, split: str, *, grid_size: int, vocab_size: int,
                num_classes: int, num_views: int, records_per_shard: int = 10_000,
                process_index: int = 0, extra: Mapping[str, Any] | None = None):
-    if not _SPLIT_RE.fullmatch(split):
-      raise ValueError(f"split {split!r} must match {_SPLIT_RE.pattern}")
+    check_split_name(split)
     if records_per_shard < 1 or process_index < 0:
       raise ValueError(f"records_per_shard={records_per_shard} must be >= 1 and "
                        f"process_index={process_index} >= 0")
@@ -255,7 +255,7 @@ class ShardWriter:
     self._closed = True
     manifest_dir = self.out_dir / MANIFEST_DIR
     manifest_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(manifest_dir / f"{self.split}-{self.process_index:05d}.json",
+    fileio.write_json_atomic(manifest_dir / f"{self.split}-{self.process_index:05d}.json",
                        {**self.header, "files": [{"name": f, "num_records": n}
                                                  for f, n in self.files]})
 
@@ -306,7 +306,7 @@ def finalize(out_dir: epath.PathLike, *, num_processes: int) -> ShardMetadata:
                      "files": [{"name": f, "num_records": n} for f, n in files]}
   d = {"format_version": FORMAT_VERSION, **header, "splits": splits}
   meta = ShardMetadata.from_json(d, str(out_dir / METADATA_FILE))
-  _write_json_atomic(out_dir / METADATA_FILE, d)
+  fileio.write_json_atomic(out_dir / METADATA_FILE, d)
   return meta
 
 

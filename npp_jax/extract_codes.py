@@ -40,7 +40,6 @@ import functools
 import itertools
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -52,11 +51,10 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from npp_jax import checkpoint, data, distributed, extract_plan, hub, preprocess, sharding, vq
+from npp_jax import checkpoint, data, distributed, extract_plan, fileio, hub, preprocess, sharding, vq
 from npp_jax import load as load_lib
 from npp_jax.image_sources import ImageSource, SourceError, open_sources
 
-_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+")
 
 
 # ----------------------------------------------------------------------------- config
@@ -270,8 +268,7 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
   step_images = config.batch_size_per_device * mesh.devices.size
   sources = dict(open_sources(config) if sources is None else sources)
   for split in sources:
-    if not _SPLIT_RE.fullmatch(split):  # data.ShardWriter's rule, checked before any work.
-      raise ValueError(f"split name {split!r} must match {_SPLIT_RE.pattern}")
+    data.check_split_name(split)  # data.ShardWriter's rule, checked before any work.
   if not config.vq_checkpoint:
     raise ValueError("config.vq_checkpoint is empty (vq-16, an hf:// path, a converted VQ dir, "
                      "or a .pt/.npz file)")
@@ -321,7 +318,7 @@ def extract(config: ml_collections.ConfigDict, *, sources: Mapping[str, ImageSou
         labels = _encode_and_write(itertools.islice(examples, end - start), writer, encode,
                                    batch_sharding, step_images,
                                    functools.partial(progress.update, where=f"{split} unit {unit}"))
-      extract_plan.write_json_atomic(extract_plan.marker_path(out, split, unit), {
+      fileio.write_json_atomic(extract_plan.marker_path(out, split, unit), {
           "start": start, "end": end, "num_records": len(labels),
           "label_min": min(labels, default=0), "label_max": max(labels, default=0)})
       progress.update(0, f"{split} unit {unit} done", force=True)

@@ -4,14 +4,13 @@ Owns `Plan` (split sizes, the number U of units per split, the shard header: a p
 the inputs, identical on every process), `make_plan`, `check_or_write_plan` (an output directory
 takes a plan only if it is empty or holds the same plan; a differing plan is refused naming every
 differing leaf key, a non-empty directory without a plan is refused untouched), and the unit
-markers (`marker_path`, `read_marker`, `write_json_atomic`) that say which units are done.
+markers (`marker_path`, `read_marker`; written with `fileio.write_json_atomic`) that say which units are done.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,8 @@ from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from npp_jax import fileio
 
 PLAN_FILE = "extract_plan.json"
 UNIT_DIR = "extract_units"
@@ -115,7 +116,7 @@ def _plan_problem(out: epath.Path, plan: Plan, write: bool) -> str | None:
     if not names:
       if write:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, want)
+        fileio.write_json_atomic(path, want)
       return None
     if not path.exists():  # Checked again: another process may have written it meanwhile.
       few = ", ".join(names[:5]) + (f", ... ({len(names)} entries)" if len(names) > 5 else "")
@@ -161,13 +162,6 @@ def check_or_write_plan(out: epath.Path, plan: Plan, process_index: int) -> None
 
 def marker_path(out: epath.Path, split: str, unit: int) -> epath.Path:
   return out / UNIT_DIR / f"{split}-{unit:05d}.json"
-
-
-def write_json_atomic(path: epath.Path, obj: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-  tmp.write_text(json.dumps(obj, indent=1))
-  tmp.replace(path)
 
 
 def read_marker(out: epath.Path, plan: Plan, split: str, unit: int) -> dict[str, int] | None:

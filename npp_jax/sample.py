@@ -195,10 +195,6 @@ def generate_full_recompute(model: model_lib.Transformer, labels_B: Any, rng: ja
 # ---------------------------------------------------------------------------------------------
 # Sharded sampling.
 # ---------------------------------------------------------------------------------------------
-def batch_shards(mesh: jax.sharding.Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
 def to_global(mesh: jax.sharding.Mesh, x_B: np.ndarray, *, process_local: bool = False):
   """A global array of batch-major values (labels, codes), sharded over ('data', 'fsdp').
 
@@ -235,15 +231,11 @@ def make_sampler(model: model_lib.Transformer, mesh: jax.sharding.Mesh, *,
   opts = SamplingOptions(**sampling_kwargs).validate()
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, sharding.state_shardings(state, mesh))
-  shards = batch_shards(mesh)
-
   def sample(labels_B, rng, sample_offset=0):
     if not isinstance(labels_B, jax.Array):
       labels_B = np.asarray(labels_B)
     _check_labels(labels_B, model.cfg.num_classes)
-    if labels_B.shape[0] % shards:
-      raise ValueError(f"batch size {labels_B.shape[0]} is not divisible by the {shards} "
-                       f"data x fsdp devices of the mesh.")
+    sharding.check_batch(labels_B.shape[0], mesh)
     if not isinstance(labels_B, jax.Array) or labels_B.sharding != sharding.batch_sharding(mesh):
       labels_B = to_global(mesh, to_host(labels_B).astype(np.int32))
     with sharding.use_mesh(mesh):
@@ -299,7 +291,7 @@ def make_decoder(kind: str, model_cfg: model_lib.ModelConfig, mesh: jax.sharding
                      f"{vq_model.config.codebook_size} codes but the model's vocab_size is "
                      f"{model_cfg.vocab_size}: it is not this model's tokenizer.")
   decode = vq.make_decode_fn(vq_model, mesh)
-  shards = batch_shards(mesh)
+  shards = sharding.batch_shards(mesh)
 
   def fn(codes_BxN):
     codes = to_host(codes_BxN)
@@ -349,7 +341,7 @@ def sample_classes(model: model_lib.Transformer, mesh: jax.sharding.Mesh, classe
   repeating the last label (any number of classes on any number of devices)."""
   labels = np.repeat(np.asarray(classes, np.int32), per_class)
   n = len(labels)
-  padded = np.concatenate([labels, np.repeat(labels[-1:], -n % batch_shards(mesh))])
+  padded = np.concatenate([labels, np.repeat(labels[-1:], -n % sharding.batch_shards(mesh))])
   codes = to_host(make_sampler(model, mesh, **sampling_kwargs)(padded, rng))[:n]
   return decoder(codes), labels
 

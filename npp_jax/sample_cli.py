@@ -43,7 +43,7 @@ from etils import epath
 from ml_collections import config_flags
 from PIL import Image
 
-from npp_jax import distributed, hub, load, logs, sample, sharding
+from npp_jax import distributed, fileio, hub, load, logs, sample, sharding
 
 FLAGS = flags.FLAGS
 
@@ -93,18 +93,6 @@ def make_labels(num_samples: int, num_classes: int, seed: int, mode: str) -> np.
   raise ValueError(f"labels={mode!r} must be 'balanced' or 'uniform'.")
 
 
-def _write_atomic(path: epath.Path, write) -> None:
-  tmp = path.parent / (path.name + ".tmp")
-  try:
-    with tmp.open("wb") as f:
-      write(f)
-  except BaseException:
-    if tmp.exists():
-      tmp.unlink()
-    raise
-  tmp.replace(path)  # overwrites: a rerun may assemble samples.npz again (e.g. to add --png).
-
-
 def _check_run(out: epath.Path, settings: dict) -> None:
   """Records the settings on the first run; refuses to resume a run made with other settings."""
   f = out / "run.json"
@@ -119,7 +107,7 @@ def _check_run(out: epath.Path, settings: dict) -> None:
       raise ValueError(f"{f} was written with other settings ({{field: (then, now)}}: {diff}); "
                        f"use a new --out, or the same settings to resume.")
   elif jax.process_index() == 0:
-    _write_atomic(f, lambda fp: fp.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
+    fileio.write_atomic(f, lambda fp: fp.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
 
 
 def _load_chunk(path: epath.Path, expected: int) -> dict[str, np.ndarray]:
@@ -165,7 +153,7 @@ def _assemble(out: epath.Path, chunk_files: list[epath.Path], sizes: list[int], 
 
   if png:
     (out / "png").mkdir(parents=True, exist_ok=True)
-  _write_atomic(out / "samples.npz", write)
+  fileio.write_atomic(out / "samples.npz", write)
 
 
 def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_samples: int,
@@ -217,7 +205,7 @@ def run(config: ml_collections.ConfigDict, checkpoint: str, out: str, *, num_sam
     codes = sample.to_host(codes)[:size]
     if jax.process_index() == 0:
       chunk = dict(images=images, labels=padded[i * batch:i * batch + size], codes=codes)
-      _write_atomic(path, lambda f: np.savez(f, **chunk))
+      fileio.write_atomic(path, lambda f: np.savez(f, **chunk))
     done += 1
     rate = done * batch / (time.time() - t0)
     remaining = sum(sizes[i + 1:])

@@ -99,6 +99,19 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: jax.sharding.Mesh) -> int:
+  """Devices the batch axis is split over: the product of the mesh's batch axes it has."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
+def check_batch(size: int, mesh: jax.sharding.Mesh) -> None:
+  """Refuses a batch of `size` rows that the mesh's batch shards do not divide."""
+  shards = batch_shards(mesh)
+  if size % shards:
+    raise ValueError(f"batch size {size} is not divisible by the {shards} batch shards of the "
+                     f"mesh (axes {[a for a in BATCH_AXES if a in mesh.axis_names]}).")
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -387,7 +387,8 @@ def _set_up(config, workdir: epath.Path, max_steps, allow_config_change
   if start == 0:
     parameter_overview.log_parameter_overview(  # shapes and shardings; no host fetch of values.
         nnx.to_pure_dict(state["params"]), include_stats="sharding", jax_logging_process=0)
-    writer.write_hparams(_flatten(config.to_dict()))
+    writer.write_hparams({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                         for k, v in config_lib.flat_dict(config.to_dict()).items()})
   end = schedule.total_steps if max_steps is None else min(schedule.total_steps, start + max_steps)
   step_fns = StepFns(graphdef, tx, optim.learning_rate(config, schedule, spe), config, mesh, state)
   run = hooks_lib.Run(config=config, workdir=workdir, mesh=mesh, graphdef=graphdef, writer=writer,
@@ -454,13 +455,3 @@ def _train(run: hooks_lib.Run, loop: _Loop, hooks: list[hooks_lib.Hook], t_begin
       h.after_step(done, loop.state)
     meter.excluded += time.perf_counter() - t0
   return False, first_step_s
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-  return out

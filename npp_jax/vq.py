@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from npp_jax import sharding
+
 _GN_GROUPS = 32
 _GN_EPS = 1e-6
 _L2_EPS = 1e-12  # F.normalize's default eps.
@@ -372,14 +374,11 @@ def _make_sharded(model: VQModel, mesh: Mesh, method: str):
   """Jits `model.<method>` with params replicated and the batch (axis 0) sharded."""
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  batch = _batch_sharding(mesh)
-  shards = math.prod(mesh.shape[a] for a in batch.spec[0])
+  _batch_sharding(mesh)  # refuses a mesh without a batch axis.
   run = sharded_jit(graphdef, mesh, method)
 
   def call(x):
-    if x.shape[0] % shards:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by the {shards} batch shards "
-                       f"of mesh axes {batch.spec[0]}")
+    sharding.check_batch(x.shape[0], mesh)
     return run(state, x)
 
   return call

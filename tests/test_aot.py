@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from naming import raises_naming
-from npp_jax import chips, flops, hlo_cost, sharding
+from npp_jax import chips, flops, hlo_cost
 from npp_jax import model as model_lib
 
 pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
