@@ -305,6 +305,7 @@ def test_feature_extractor_rejects_bad_graphs_and_images(fake_inception, tmp_pat
 
 
 # 10 samples give singular 448-d spatial covariances; scipy warns, ADM's formula still applies.
+@pytest.mark.slow  # the whole evaluator end to end
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
 def test_evaluate_end_to_end_and_precomputed_reference_statistics(fake_inception, tmp_path):
   _, _, pb_path, extractor = fake_inception

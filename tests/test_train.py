@@ -34,6 +34,7 @@ def full_run(shards, tmp_path_factory):
   return dict(summary, losses=run_losses(workdir), compiled=compiled), workdir
 
 
+@pytest.mark.slow  # end-to-end training
 def test_end_to_end_across_segment_boundary(full_run):
   summary, workdir = full_run
   assert jax.device_count() == 8
@@ -52,6 +53,7 @@ def test_end_to_end_across_segment_boundary(full_run):
   assert list(workdir.glob("events.out.tfevents*")), "TensorBoard events are written"
 
 
+@pytest.mark.slow  # end-to-end training
 def test_eval_is_compiled_once_and_throughput_is_logged(full_run):
   summary, workdir = full_run
   assert sorted(event_scalars(workdir, "eval_loss")) == [4, 8, 12]
@@ -63,6 +65,7 @@ def test_eval_is_compiled_once_and_throughput_is_logged(full_run):
   assert 0 < summary["seconds_to_first_step"]
 
 
+@pytest.mark.slow  # end-to-end training
 def test_exact_resume(shards, full_run, tmp_path):
   """Stop after 5 steps (mid segment), resume, stop again after the boundary, finish: every loss
   equals the uninterrupted run's bit for bit (state, data order, dropout, LR and patch size)."""
@@ -77,6 +80,7 @@ def test_exact_resume(shards, full_run, tmp_path):
   assert third["eval_loss"] == full_run[0]["eval_loss"]
 
 
+@pytest.mark.slow  # end-to-end training
 def test_relative_workdir_saves_and_resumes(shards, full_run, tmp_path, monkeypatch):
   """orbax refuses relative paths at save time and misreads them at load time: a relative
   workdir (and params checkpoint) must train, save, resume and load like an absolute one."""
