@@ -1,7 +1,8 @@
 """Benchmark: `python -m npp_jax.bench --variant=B --batch_size=8 --patch_sizes=1,2 [--json]`.
 
 Measures, on the current device, in one run:
-  * a matmul peak (median FLOP/s of a 2048^3 matmul in the benchmark dtype), the yardstick;
+  * a matmul peak (the best FLOP/s of 7 runs of a 2048^3 matmul in the benchmark dtype), the
+    yardstick;
   * per patch size, the real training step (forward, backward, clipping, AdamW update): compile
     time, ms/step (median of >= 5 after warm-up), images/s, tokens/s, FLOPs per step from XLA's
     cost analysis and from the analytic count side by side, achieved FLOP/s and its fraction of
