@@ -41,7 +41,14 @@ host = hooks_lib.host
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; training stops and the last good checkpoint is kept."""
+  """The loss became NaN or infinite; training stops and the last good checkpoint is kept.
+
+  `step`: the step whose metrics were not finite; `kept_step`: the last good checkpoint's step
+  (None if there is none)."""
+
+  def __init__(self, message: str, *, step: int, kept_step: int | None):
+    super().__init__(message)
+    self.step, self.kept_step = step, kept_step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,9 +421,11 @@ def _train(run: hooks_lib.Run, loop: _Loop, hooks: list[hooks_lib.Hook], t_begin
     # checking every metric keeps such a state from being saved as a good checkpoint.
     bad = {k: v for k, v in m.items() if not np.isfinite(v)}
     if bad:
+      kept = ckpt.latest_step()
       raise NonFiniteLossError(
           f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step} "
-          f"(loss {m['loss']}); stopping. The last good checkpoint ({ckpt.latest_step()}) is kept.")
+          f"(loss {m['loss']}); stopping. The last good checkpoint ({kept}) is kept.",
+          step=step, kept_step=kept)
     loop.last = m
 
   for step in range(run.start, run.end):
