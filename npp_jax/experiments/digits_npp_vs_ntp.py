@@ -46,6 +46,8 @@ _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every
                                  "--set=model.dim=256 (VALUE read as a Python literal).")
 _NPP_SET = flags.DEFINE_multi_string("npp_set", [], "KEY=VALUE override for the NPP runs only, "
                                      "e.g. --npp_set=npp.segment_factor=0.25.")
+_TUNE_MALLOC = flags.DEFINE_bool("tune_malloc", True, "On a CPU-only host, keep freed memory in "
+                                 "one glibc malloc arena (npp_jax.malloc), as npp_jax.main does.")
 _QUICK = flags.DEFINE_bool("quick", False, "A tiny check of the whole pipeline (1-layer width-32 "
                            "model, 2 steps per epoch, budgets 2,4; --budgets still wins if given).")
 
@@ -367,8 +369,10 @@ def run(budgets: Sequence[int], out: epath.PathLike, *, evals_per_run: int = 8,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from npp_jax import logs
+  from npp_jax import logs, malloc
   logs.quiet_library_logs()
+  if _TUNE_MALLOC.value and malloc.cpu_only():
+    malloc.tune_malloc()  # before JAX starts its CPU client's threads.
   budgets = _BUDGETS.value
   if _QUICK.value and not flags.FLAGS["budgets"].present:
     budgets = ["2", "4"]
