@@ -1,6 +1,6 @@
 """The paper's claim in miniature: NPP against next-token prediction on the digits, per budget.
 
-  python -m npp_jax.experiments.digits_npp_vs_ntp [--budgets=6,12,24] [--out=/tmp/npp_vs_ntp]
+  python -m npp_jax.experiments.digits_npp_vs_ntp [--budgets=4,8,12] [--out=/tmp/npp_vs_ntp]
 
 Owns the experiment: for every budget (epochs) it trains `configs/digits.py` (NPP, #L=2,
 lambda=1/2) and `configs/digits.py:ntp` (#L=1) through `npp_jax.train.train_and_evaluate`, one
@@ -36,8 +36,11 @@ from configs import digits as digits_config
 METHODS = ("npp", "ntp")  # configs/digits.py and configs/digits.py:ntp.
 _LOSS_TOLERANCE = 0.01  # nats/token: "as good" for the validation loss.
 
-_BUDGETS = flags.DEFINE_list("budgets", ["6", "12", "24"], "Training budgets in epochs (each "
-                             "trains NPP and NTP for that many epochs; 24 is the demo's default).")
+# The default budgets: a third, two thirds and all of the demo's epochs (configs/digits.py).
+DEMO_EPOCHS = digits_config.get_config().npp.epochs
+_BUDGETS = flags.DEFINE_list("budgets", [str(round(DEMO_EPOCHS * k / 3)) for k in (1, 2, 3)],
+                             "Training budgets in epochs (each trains NPP and NTP for that many "
+                             "epochs; the default ends at the demo's).")
 _OUT = flags.DEFINE_string("out", "/tmp/npp_vs_ntp", "Output directory (plot, table, runs).")
 _EVALS = flags.DEFINE_integer("evals_per_run", 8, "Validation losses logged per run.", lower_bound=1)
 _PER_CLASS = flags.DEFINE_integer("samples_per_class", 30, "CFG samples per class scored by the "
