@@ -11,12 +11,10 @@ from configs import common
 
 def get_config(arg=None):
   c = common.get_config()
-  # Batch 16 at LR 2e-3: twice the updates per epoch of batch 32 for the same CPU time per epoch
-  # (XLA:CPU runs 16 x 256 positions as efficiently as 32 x 256). Measured on the 2-core machine,
-  # 12 epochs: batch 16 at 2e-3: val loss 0.505, agreement 82% (demo draw) / 87% (300 more
-  # samples), 265 s of training; batch 16 at 1e-3: 0.548, 87% / 83%, 273 s; batch 32 at 1e-3,
-  # 18 epochs: 0.564, 74% / 83% (20 per class), 538 s (a core taken by another job for part of
-  # it). See README, "The CPU demo".
+  # Batch 16 at LR 2e-3: twice the updates per epoch of batch 32 for about the same CPU time per
+  # epoch. Measured on the project's 2-core machine, 12 epochs: batch 16 at 2e-3: val loss 0.505,
+  # agreement 82% (the demo's draw) / 87% (300 more samples); batch 16 at 1e-3: 0.548, 87% / 83%;
+  # batch 32 at 1e-3 needed 18 epochs for 0.564, 74% / 83% and 24 for ~0.48, 86-88%.
   c.global_batch_size = 16
   c.model.variant = None
   c.model.n_layer = 4
@@ -28,8 +26,8 @@ def get_config(arg=None):
   c.model.token_dropout = 0.0  # no dropout: a tiny model on 9 views per image learns faster
   c.model.resid_dropout = 0.0
   c.model.ffn_dropout = 0.0
-  # 12 epochs (6 of 2x2 patches, 6 of tokens; 1,212 steps): ~4.5 minutes of training on a 2-core
-  # CPU. The old recipe (batch 32, LR 1e-3) needed 24 epochs (~10 minutes) for the same agreement.
+  # 12 epochs (6 of 2x2 patches, 6 of tokens; 1,212 steps): 270 s of training, 291 s for the
+  # whole command, on an otherwise idle 2-core CPU (README, "The CPU demo", has every run).
   c.npp.epochs = 12
   c.npp.num_levels = 1 if arg == "ntp" else 2
   c.data.builtin = "digits"
