@@ -28,6 +28,8 @@ import time
 
 from absl import app, flags, logging
 
+from npp_jax import malloc  # imports no JAX: tune_malloc runs before JAX starts.
+
 _VARIANT = flags.DEFINE_string("variant", "B", "Named model size; ignored when --dim is set.")
 _N_LAYER = flags.DEFINE_integer("n_layer", 4, "Layers of a custom size (with --dim).")
 _N_HEAD = flags.DEFINE_integer("n_head", 4, "Heads of a custom size (with --dim).")
@@ -50,31 +52,8 @@ _QUALITY = flags.DEFINE_integer("digits_quality", 0, "With a digits --checkpoint
 
 
 _MALLOC = flags.DEFINE_bool(
-    "tune_malloc", True, "Keep freed memory in one glibc malloc arena (see tune_malloc); off to "
+    "tune_malloc", True, "Keep freed memory in one glibc malloc arena (malloc.tune_malloc); off to "
     "measure with the allocator's defaults.")
-
-
-def tune_malloc() -> bool:
-  """Makes glibc malloc reuse freed memory instead of returning it to the OS; True if applied.
-
-  XLA:CPU allocates each step's temporaries (hundreds of MB) afresh; with glibc's defaults every
-  large buffer is a new mmap whose pages fault in (and are zeroed by the kernel) on first touch:
-  ~110k page faults and ~25% extra CPU time per small-model train step on a 2-core host. One
-  arena, no mmap and no trimming keep the pages mapped across steps (the same as
-  GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=
-  2147483647). The process keeps its peak memory. Must run before jax starts its threads, i.e.
-  before the first computation.
-  """
-  import ctypes
-  import ctypes.util
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc
-    return False
-  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-  return all([mallopt(m_arena_max, 1), mallopt(m_mmap_max, 0),
-              mallopt(m_trim_threshold, 2**31 - 1)])
 
 
 def _median_time(fn, n):
@@ -247,7 +226,7 @@ def digits_quality(model, windows, cfg_scale, per_class):
 
 def main(argv):
   del argv
-  malloc_tuned = _MALLOC.value and tune_malloc()
+  malloc_tuned = _MALLOC.value and malloc.tune_malloc()
   import jax
   import jax.numpy as jnp
   from npp_jax import model as model_lib

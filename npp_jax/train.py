@@ -306,7 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Returns:
     A summary: final step, last train loss, the schedule's cost ratio, compiled patch sizes,
-    seconds to this run's first step, and the hooks' entries (eval loss; "report" lines).
+    seconds to this run's first step, wall seconds from start-up to the last step
+    (train_seconds) and in the hooks' finish (finish_seconds: final eval, samples), and the
+    hooks' entries (eval loss; "report" lines).
     Per-step metrics go to the metric writer (TensorBoard events and the log), not here.
   """
   t_begin = time.perf_counter()
@@ -317,17 +319,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     preempted, first_step_s = _train(run, loop, hooks, t_begin)
     summary = {"step": int(host(loop.state["step"])), "train_loss": loop.last.get("loss"),
                "training_cost": loop.cost, "compiled_patch_sizes": sorted(loop.step_fns.compiled),
-               "seconds_to_first_step": first_step_s, "workdir": str(run.workdir)}
+               "seconds_to_first_step": first_step_s, "workdir": str(run.workdir),
+               "train_seconds": time.perf_counter() - t_begin}
     if preempted:
       # Exit within the preemption grace period: the final eval and samples wait for the resumed
       # run that finishes training.
       summary["preempted"] = True
     else:
       summary["report"] = []
+      t_finish = time.perf_counter()
       for h in hooks:
         entries = dict(h.finish(summary["step"], loop.state, summary))
         summary["report"] += entries.pop("report", [])
         summary.update(entries)
+      summary["finish_seconds"] = time.perf_counter() - t_finish
   finally:
     for h in hooks:
       h.close()

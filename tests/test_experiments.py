@@ -115,6 +115,17 @@ def test_budgets_below_two_epochs_are_refused(tmp_path):
     exp.run([1, 4], tmp_path)
 
 
+def test_default_budgets_end_at_the_demo_and_ntp_is_its_baseline():
+  from configs import digits as digits_config
+  npp, ntp = digits_config.get_config(), digits_config.get_config("ntp")
+  budgets = [int(b) for b in exp._BUDGETS.default]
+  assert budgets == sorted(budgets) and budgets[0] >= 2 and budgets[-1] == npp.npp.epochs
+  # The baseline trains the same model, batch, optimizer and epochs, at full length only.
+  assert (npp.npp.num_levels, ntp.npp.num_levels) == (2, 1)
+  ntp.npp.num_levels = 2
+  assert ntp.to_json_best_effort() == npp.to_json_best_effort()
+
+
 def _finite(x):
   return x is None or (isinstance(x, bool)) or math.isfinite(x)
 

@@ -1,6 +1,6 @@
 """The paper's claim in miniature: NPP against next-token prediction on the digits, per budget.
 
-  python -m npp_jax.experiments.digits_npp_vs_ntp [--budgets=6,12,24] [--out=/tmp/npp_vs_ntp]
+  python -m npp_jax.experiments.digits_npp_vs_ntp [--budgets=4,8,12] [--out=/tmp/npp_vs_ntp]
 
 Owns the experiment: for every budget (epochs) it trains `configs/digits.py` (NPP, #L=2,
 lambda=1/2) and `configs/digits.py:ntp` (#L=1) through `npp_jax.train.train_and_evaluate`, one
@@ -36,8 +36,11 @@ from configs import digits as digits_config
 METHODS = ("npp", "ntp")  # configs/digits.py and configs/digits.py:ntp.
 _LOSS_TOLERANCE = 0.01  # nats/token: "as good" for the validation loss.
 
-_BUDGETS = flags.DEFINE_list("budgets", ["6", "12", "24"], "Training budgets in epochs (each "
-                             "trains NPP and NTP for that many epochs; 24 is the demo's default).")
+# The default budgets: a third, two thirds and all of the demo's epochs (configs/digits.py).
+DEMO_EPOCHS = digits_config.get_config().npp.epochs
+_BUDGETS = flags.DEFINE_list("budgets", [str(round(DEMO_EPOCHS * k / 3)) for k in (1, 2, 3)],
+                             "Training budgets in epochs (each trains NPP and NTP for that many "
+                             "epochs; the default ends at the demo's).")
 _OUT = flags.DEFINE_string("out", "/tmp/npp_vs_ntp", "Output directory (plot, table, runs).")
 _EVALS = flags.DEFINE_integer("evals_per_run", 8, "Validation losses logged per run.", lower_bound=1)
 _PER_CLASS = flags.DEFINE_integer("samples_per_class", 30, "CFG samples per class scored by the "
@@ -46,6 +49,8 @@ _SET = flags.DEFINE_multi_string("set", [], "KEY=VALUE config override for every
                                  "--set=model.dim=256 (VALUE read as a Python literal).")
 _NPP_SET = flags.DEFINE_multi_string("npp_set", [], "KEY=VALUE override for the NPP runs only, "
                                      "e.g. --npp_set=npp.segment_factor=0.25.")
+_TUNE_MALLOC = flags.DEFINE_bool("tune_malloc", True, "On a CPU-only host, keep freed memory in "
+                                 "one glibc malloc arena (npp_jax.malloc), as npp_jax.main does.")
 _QUICK = flags.DEFINE_bool("quick", False, "A tiny check of the whole pipeline (1-layer width-32 "
                            "model, 2 steps per epoch, budgets 2,4; --budgets still wins if given).")
 
@@ -367,8 +372,10 @@ def run(budgets: Sequence[int], out: epath.PathLike, *, evals_per_run: int = 8,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from npp_jax import logs
+  from npp_jax import logs, malloc
   logs.quiet_library_logs()
+  if _TUNE_MALLOC.value and malloc.cpu_only():
+    malloc.tune_malloc()  # before JAX starts its CPU client's threads.
   budgets = _BUDGETS.value
   if _QUICK.value and not flags.FLAGS["budgets"].present:
     budgets = ["2", "4"]
