@@ -21,10 +21,9 @@ def tune_malloc() -> bool:
   """Makes glibc malloc reuse freed memory instead of returning it to the OS; True if applied.
 
   XLA:CPU allocates each step's temporaries (hundreds of MB) afresh; with glibc's defaults every
-  large buffer is a new mmap whose pages fault in (and are zeroed by the kernel) on first touch:
-  ~110k page faults and ~25% extra CPU time per small-model train step on a 2-core host (the
-  24-epoch digits demo spent 300 of its 1,086 CPU seconds in the kernel). One arena, no mmap and
-  no trimming keep the pages mapped across steps (the same as GLIBC_TUNABLES above). The process
+  large buffer is a new mmap whose pages fault in (and are zeroed by the kernel) on first touch,
+  every step (README, "The CPU demo", has the measured system time). One arena, no mmap and no
+  trimming keep the pages mapped across steps (the same as GLIBC_TUNABLES above). The process
   keeps its peak memory. Call it before JAX creates its CPU client (i.e. before the first
   `jax.devices()` or computation): threads that already own an arena keep it.
   """
